@@ -1,0 +1,1 @@
+"""Evaluation helpers: offline assets (models, texts) and perplexity."""

@@ -1,0 +1,67 @@
+"""Transformers integration: `import xbit` registers the "xbit" quantization config and HfQuantizer, so
+`AutoModelForCausalLM.from_pretrained(dir)` builds XbitLinear modules and loads the packed tensors."""
+
+import torch
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from . import checkpoint
+from .format import FORMAT_VERSION
+from .modules import XbitLinear
+
+
+def set_submodule(model, name: str, module):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def layer_spec(m: XbitLinear) -> dict:
+    return {"in": m.in_features, "out": m.out_features, "counts": m.counts, "group_size": m.group_size,
+            "bias": m.bias is not None}
+
+
+@register_quantization_config("xbit")
+class XbitConfig(QuantizationConfigMixin):
+    """quant_method "xbit": per-layer column counts per bit depth fix every tensor shape before loading."""
+
+    def __init__(self, format_version: int = FORMAT_VERSION, layers: dict | None = None, method: str = "xbit",
+                 **kwargs):
+        self.quant_method = "xbit"
+        self.format_version = format_version
+        self.layers = layers or {}
+        self.method = method
+        for k, v in kwargs.items():
+            setattr(self, k, v)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@register_quantizer("xbit")
+class XbitHfQuantizer(HfQuantizer):
+    requires_calibration = True  # only pre-quantized checkpoints load; quantize with `python -m xbit.quantize`
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        cfg = self.quantization_config
+        checkpoint.check_version(cfg.to_dict())
+        for name, spec in cfg.layers.items():
+            old = model.get_submodule(name)
+            if not isinstance(old, torch.nn.Linear) or (old.in_features, old.out_features) != (spec["in"], spec["out"]):
+                raise checkpoint.CheckpointError(f"layer {name} in quantization_config does not match the model")
+            new = XbitLinear(spec["in"], spec["out"], spec["counts"], spec["group_size"], bias=spec.get("bias", False),
+                             dtype=old.weight.dtype, device=old.weight.device)
+            set_submodule(model, name, new)
+        expected = {k: (tuple(v.shape), None) for k, v in model.state_dict().items()}
+        expected.update(checkpoint.expected_xbit_tensors(cfg.layers))
+        tied = set()
+        if getattr(model.config, "tie_word_embeddings", False):
+            tied = {k for k in expected if k.startswith("lm_head.")}
+        checkpoint.validate(checkpoint_files, {k: v for k, v in expected.items() if k not in tied})
+        return model
+
+    def is_serializable(self):
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False

@@ -1,0 +1,47 @@
+"""XbitLinear: a quantized nn.Linear stored in the x-bit format; its forward goes through `xbit.dispatch`."""
+
+import torch
+from torch import nn
+
+from . import dispatch
+from .format import layer_shapes
+
+
+class XbitLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, counts: list[int], group_size: int, bias: bool = False,
+                 dtype=torch.float16, device=None):
+        super().__init__()
+        if len(counts) != 9 or sum(counts) != in_features:
+            raise ValueError(f"counts must give 9 column counts summing to in_features={in_features}, got {counts}")
+        self.in_features, self.out_features = in_features, out_features
+        self.counts, self.group_size = list(counts), group_size
+        for name, (shape, tdtype) in layer_shapes(out_features, in_features, counts, group_size).items():
+            self.register_buffer(name, torch.zeros(shape, dtype=tdtype, device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
+        else:
+            self.bias = None
+
+    @classmethod
+    def from_tensors(cls, tensors: dict, bias: torch.Tensor | None, group_size: int) -> "XbitLinear":
+        bits = tensors["bits"]
+        counts = torch.bincount(bits.long(), minlength=9).tolist()
+        out = tensors["scales"].shape[1]
+        dtype = bias.dtype if bias is not None else torch.float16
+        m = cls(bits.numel(), out, counts, group_size, bias=bias is not None, dtype=dtype, device=bits.device)
+        for name, t in tensors.items():
+            getattr(m, name).copy_(t)
+        if bias is not None:
+            m.bias.data.copy_(bias)
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dispatch.matmul(x, self)
+
+    def stored_bytes(self) -> int:
+        n = sum(getattr(self, k).numel() * getattr(self, k).element_size() for k in ("qweight", "scales", "zeros", "perm", "bits"))
+        return n + (self.bias.numel() * self.bias.element_size() if self.bias is not None else 0)
+
+    def extra_repr(self) -> str:
+        avg = sum(b * c for b, c in enumerate(self.counts)) / self.in_features
+        return f"in_features={self.in_features}, out_features={self.out_features}, avg_code_bits={avg:.3f}, group_size={self.group_size}"

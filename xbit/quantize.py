@@ -1,0 +1,241 @@
+"""`python -m xbit.quantize`: quantize a Hugging Face causal LM and write an xbit checkpoint.
+
+Also the Python API: `xbit.quantize(model, tokenizer, method=..., bits=... | size=...)` quantizes in memory.
+"""
+
+import argparse
+import resource
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import checkpoint
+from .format import FORMAT_VERSION, MAX_BITS
+from .hf import layer_spec, set_submodule
+from .modules import XbitLinear
+from .rtn import quantize_weight_rtn
+from .sizes import float_component_bytes, parse_size, plan_bytes, uniform_counts
+
+METHODS = ("rtn",)
+FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class UsageError(ValueError):
+    """A bad argument or target: the CLI prints it as one line and exits 2."""
+
+
+def quantizable_linears(model) -> dict[str, nn.Linear]:
+    """Every nn.Linear of the model except the output head (kept in float like GPTQ does by default)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head}
+
+
+def _uniform_plan(linears, bits: int) -> dict:
+    return {n: uniform_counts(m.in_features, bits) for n, m in linears.items()}
+
+
+def choose_uniform_bits(model, linears, group_size, float_dtype, bits=None, size=None) -> int:
+    """Code width for a uniform method: the given --bits, or the widest that fits --size."""
+    fixed = float_component_bytes(model, set(linears), float_dtype)
+    if bits is not None:
+        if bits != int(bits) or not 1 <= bits <= MAX_BITS:
+            raise UsageError(f"--bits for a uniform method is an integer code width 1..{MAX_BITS}, got {bits}")
+        return int(bits)
+    float_total = fixed + sum(m.weight.numel() for m in linears.values()) * torch.empty((), dtype=float_dtype).element_size()
+    if size >= float_total:
+        raise UsageError(f"--size {size} bytes is not below the float checkpoint ({float_total} bytes): nothing to do")
+    for b in range(MAX_BITS, 0, -1):
+        if fixed + plan_bytes(linears, _uniform_plan(linears, b), group_size) <= size:
+            return b
+    smallest = fixed + plan_bytes(linears, _uniform_plan(linears, 1), group_size)
+    raise UsageError(f"--size {size} bytes is below the smallest checkpoint this method can write ({smallest} bytes)")
+
+
+@torch.no_grad()
+def quantize_model(model, tokenizer=None, method: str = "rtn", bits: float | None = None, size: int | None = None,
+                   group_size: int = 128, float_dtype=torch.float16, progress: bool = True):
+    """Replace the model's linears by XbitLinear in place; returns (model, quantization_config, report)."""
+    if method not in METHODS:
+        raise UsageError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+    if (bits is None) == (size is None):
+        raise UsageError("give exactly one target: bits or size")
+    if group_size < 1:
+        raise UsageError(f"group size must be positive, got {group_size}")
+    linears = quantizable_linears(model)
+    if not linears:
+        raise UsageError("the model has no nn.Linear layers to quantize")
+    t0 = time.time()
+    width = choose_uniform_bits(model, linears, group_size, float_dtype, bits=bits, size=size)
+    layers = {}
+    for name, lin in tqdm(linears.items(), desc=f"{method} {width}-bit", disable=not progress):
+        w = lin.weight
+        col_bits = torch.full((lin.in_features,), width, dtype=torch.uint8, device=w.device)
+        perm = torch.arange(lin.in_features, device=w.device)
+        tensors = quantize_weight_rtn(w, col_bits, perm, group_size)
+        bias = lin.bias.detach().to(float_dtype) if lin.bias is not None else None
+        new = XbitLinear.from_tensors(tensors, bias, group_size)
+        set_submodule(model, name, new)
+        layers[name] = layer_spec(new)
+    qconfig = {"quant_method": "xbit", "format_version": FORMAT_VERSION, "method": method, "layers": layers}
+    report = summarize(model, linears, float_dtype, method=method, code_bits=width, group_size=group_size,
+                       seconds=time.time() - t0)
+    return model, qconfig, report
+
+
+def summarize(model, original_linears: dict, float_dtype, **extra) -> dict:
+    """Bytes and bits per weight of the quantized model as the checkpoint will store it."""
+    quantized = {n: model.get_submodule(n) for n in original_linears}
+    q_bytes = sum(m.stored_bytes() - (m.bias.numel() * m.bias.element_size() if m.bias is not None else 0)
+                  for m in quantized.values())
+    q_params = sum(m.in_features * m.out_features for m in quantized.values())
+    total = checkpoint.tensor_bytes(checkpoint.state_dict_to_store(model, float_dtype))
+    params = sum(p.numel() for p in {id(p): p for p in original_params(model, quantized)}.values())
+    return {**extra, "checkpoint_bytes": total, "quantized_layer_bytes": q_bytes, "quantized_params": q_params,
+            "bits_per_weight_layers": 8 * q_bytes / q_params, "bits_per_weight_total": 8 * total / params,
+            "layers": {n: {"counts": m.counts, "bytes": m.stored_bytes()} for n, m in quantized.items()}}
+
+
+def original_params(model, quantized: dict):
+    """Float parameters plus one virtual 'out x in' weight per quantized layer (for bits per weight)."""
+    for p in model.parameters():
+        yield p
+    for m in quantized.values():
+        yield torch.empty(m.out_features, m.in_features, device="meta")
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m xbit.quantize", description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="Hub id or local folder (default: the fetched SmolLM2-135M-Instruct)")
+    p.add_argument("--method", default="rtn", help=f"quantization method: {', '.join(METHODS)} (default rtn)")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--bits", type=float, help="rtn/gptq: integer code width; xbit: average bits per weight")
+    target.add_argument("--size", help="total checkpoint bytes, e.g. 60MB, 1.2GB")
+    p.add_argument("--group-size", type=int, default=128, help="columns per scale/zero group (default 128)")
+    p.add_argument("--calib", help="calibration text: file, folder of .txt, or datasets:NAME")
+    p.add_argument("--out", help="output checkpoint folder (omit to only report)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", default="float16", choices=sorted(FLOAT_DTYPES),
+                   help="storage dtype of the float components (default float16)")
+    p.add_argument("--eval-text", nargs="+", metavar="TEXT",
+                   help="also report perplexity of the original and quantized model on these texts "
+                        "(files, or sotu-eval / moby)")
+    p.add_argument("--eval-max-tokens", type=int, default=None, help="cap on evaluation tokens per text")
+    p.add_argument("--ctx", type=int, default=512, help="perplexity window (default 512)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _load_model(model_id: str | None, device: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if model_id is None:
+        from eval.assets import model_dir
+
+        model_id = str(model_dir("smollm2"))
+    elif Path(model_id).exists() and not (Path(model_id) / "config.json").exists():
+        raise UsageError(f"--model {model_id}: folder has no config.json")
+    try:
+        tok = AutoTokenizer.from_pretrained(model_id)
+        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot load model {model_id}: {str(e).splitlines()[0]}") from None
+    return model.to(device).eval(), tok, model_id
+
+
+def _peak_memory_mb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _perplexities(model, tok, texts, ctx, max_tokens, progress) -> dict:
+    from eval.assets import text_files
+    from eval.perplexity import load_texts, perplexity
+
+    out = {}
+    for spec in texts:
+        paths = text_files(spec) if spec in ("sotu-eval", "sotu-calib", "moby") else [spec]
+        out[spec] = perplexity(model, tok, load_texts(paths), ctx=ctx, max_tokens=max_tokens, progress=progress)["ppl"]
+    return out
+
+
+def print_table(rows: list[tuple[str, str]]):
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
+def run(args) -> int:
+    if args.method not in METHODS:
+        raise UsageError(f"unknown --method {args.method!r}; available: {', '.join(METHODS)}")
+    if args.group_size < 1:
+        raise UsageError(f"--group-size must be positive, got {args.group_size}")
+    size = parse_size(args.size) if args.size is not None else None
+    if args.out and Path(args.out).exists() and any(Path(args.out).iterdir()) and not args.overwrite:
+        raise UsageError(f"--out {args.out} exists and is not empty (add --overwrite to replace it)")
+    if args.calib:
+        from .calib import load_calib_texts
+
+        load_calib_texts(args.calib)  # validated now; rtn itself needs no calibration
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda asked but no CUDA device is available")
+    progress = not args.no_progress
+    model, tok, model_id = _load_model(args.model, device)
+    ref_ppl = _perplexities(model, tok, args.eval_text, args.ctx, args.eval_max_tokens, progress) if args.eval_text else {}
+    float_dtype = FLOAT_DTYPES[args.dtype]
+    model, qconfig, report = quantize_model(model, tok, method=args.method, bits=args.bits, size=size,
+                                            group_size=args.group_size, float_dtype=float_dtype, progress=progress)
+    report.update(model=model_id, target_bytes=size, target_bits=args.bits)
+    if size is not None and report["checkpoint_bytes"] > size:
+        raise UsageError(f"internal error: result {report['checkpoint_bytes']} bytes exceeds target {size}")
+    if args.out:
+        checkpoint.save(model, tok, args.out, qconfig, report, float_dtype=float_dtype, overwrite=args.overwrite)
+    q_ppl = _perplexities(model, tok, args.eval_text, args.ctx, args.eval_max_tokens, progress) if args.eval_text else {}
+    rows = [("model", model_id), ("method", f"{args.method} {report['code_bits']}-bit, group {args.group_size}"),
+            ("checkpoint bytes", f"{report['checkpoint_bytes']:,}"),
+            ("bits/weight (quantized layers)", f"{report['bits_per_weight_layers']:.3f}"),
+            ("bits/weight (whole checkpoint)", f"{report['bits_per_weight_total']:.3f}"),
+            ("quantize time", f"{report['seconds']:.1f} s"), ("peak memory", f"{_peak_memory_mb(device):.0f} MiB")]
+    for spec in ref_ppl:
+        rows.append((f"perplexity {spec} (reference)", f"{ref_ppl[spec]:.3f}"))
+        rows.append((f"perplexity {spec} (quantized)", f"{q_ppl[spec]:.3f}"))
+    if args.out:
+        rows.append(("written", str(args.out)))
+    print_table(rows)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # argparse itself exits 2 with one line on bad syntax
+    try:
+        return run(args)
+    except (UsageError, checkpoint.CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"xbit.quantize: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("xbit.quantize: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+class _CallableModule(types.ModuleType):
+    """`xbit.quantize(...)` is the Python API while `python -m xbit.quantize` is the CLI of the same module."""
+
+    def __call__(self, *args, **kwargs):
+        return quantize_model(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+
+if __name__ == "__main__":
+    sys.exit(main())
