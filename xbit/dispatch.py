@@ -6,6 +6,8 @@ Each kernel has `can_run(layer, x) -> (bool, reason)` and `run(x, layer) -> y`. 
 
 import torch
 
+from triton_kernels import TritonKernel
+
 from .format import reference_matmul
 
 
@@ -22,7 +24,7 @@ class ReferenceKernel:
                                 layer.bias.to(x.dtype) if layer.bias is not None else None)
 
 
-KERNELS = [ReferenceKernel]
+KERNELS = [TritonKernel, ReferenceKernel]
 
 
 def choose(layer, x: torch.Tensor):

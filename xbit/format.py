@@ -147,7 +147,7 @@ def unpack(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
 
 def dequantize(qweight, scales, zeros, perm, bits, group_size: int, dtype=torch.float32) -> torch.Tensor:
     """The reference: the float weight [out, in] in the original column order."""
-    out = qweight.shape[1] if qweight.numel() else scales.shape[1]
+    out = qweight.shape[1]
     in_features = bits.numel()
     w = torch.zeros(out, in_features, dtype=torch.float32, device=qweight.device)
     perm = perm.long()
@@ -168,12 +168,12 @@ def reference_matmul(x, qweight, scales, zeros, perm, bits, group_size: int, bia
     return torch.nn.functional.linear(x, w, bias)
 
 
-def assemble(in_features: int, bits: torch.Tensor, perm: torch.Tensor, group_size: int, seg_codes, seg_scales, seg_zeros):
+def assemble(out: int, bits: torch.Tensor, perm: torch.Tensor, group_size: int, seg_codes, seg_scales, seg_zeros):
     """Stored tensors of a layer from per-segment codes [out, cols] and grids [groups, out], in storage order.
 
     The lists hold one entry per segment of `segments_of(bits, perm)` with bits > 0.
     """
-    out = seg_codes[0].shape[0] if seg_codes else seg_scales[0].shape[1] if seg_scales else 0
+    in_features = bits.numel()
     segs = [s for s in segments_of(bits, perm, group_size) if s.bits > 0]
     if not (len(segs) == len(seg_codes) == len(seg_scales) == len(seg_zeros)):
         raise ValueError("one codes/scales/zeros entry is needed per non-empty segment")

@@ -7,12 +7,20 @@ import torch
 
 
 def fit_grid(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min-max grid per row of w [out, cols] -> (scale, zero) float32 [out], already rounded to float16."""
+    """Min-max grid per row of w [out, cols] -> (scale, zero) float32 [out], already rounded to float16.
+
+    The zero point is a float, so the grid spans exactly [min, max] (two free levels at 1 bit). A constant row, or
+    one whose zero point float16 cannot hold to half a step (values far from 0 relative to their spread), widens the range
+    to include 0, as GPTQ always does.
+    """
     maxq = (1 << bits) - 1
     lo, hi = w.min(dim=1).values, w.max(dim=1).values
-    span = (hi - lo).clamp(min=1e-8)
-    scale = (span / maxq).half().float()
-    scale = torch.where(scale > 0, scale, torch.full_like(scale, 2.0**-24))  # underflow guard
+    far = (hi - lo) * 1024 <= maxq * torch.maximum(lo.abs(), hi.abs())  # |zero| >= 1024: float16 steps >= 0.5
+    lo = torch.where(far, lo.clamp(max=0), lo)
+    hi = torch.where(far, hi.clamp(min=0), hi)
+    span = hi - lo
+    scale = torch.where(span > 0, span / maxq, torch.ones_like(span)).half().float()
+    scale = torch.where(scale > 0, scale, torch.full_like(scale, 2.0**-24))  # float16 underflow
     zero = (-lo / scale).half().float()
     return scale, zero
 

@@ -18,10 +18,12 @@ from . import checkpoint
 from .format import FORMAT_VERSION, MAX_BITS
 from .hf import layer_spec, set_submodule
 from .modules import XbitLinear
+from .calibrate import calibration_ids, decoder_layers_path, run_blocks
+from .gptq import act_order, quantize_weight_gptq
 from .rtn import quantize_weight_rtn
 from .sizes import float_component_bytes, parse_size, plan_bytes, uniform_counts
 
-METHODS = ("rtn",)
+METHODS = ("rtn", "gptq")
 FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -58,8 +60,13 @@ def choose_uniform_bits(model, linears, group_size, float_dtype, bits=None, size
 
 @torch.no_grad()
 def quantize_model(model, tokenizer=None, method: str = "rtn", bits: float | None = None, size: int | None = None,
-                   group_size: int = 128, float_dtype=torch.float16, progress: bool = True):
-    """Replace the model's linears by XbitLinear in place; returns (model, quantization_config, report)."""
+                   group_size: int = 128, calib: list[str] | None = None, calib_samples: int = 128,
+                   seq_len: int = 512, damp: float = 0.01, device=None, float_dtype=torch.float16,
+                   progress: bool = True, seed: int = 0):
+    """Replace the model's linears by XbitLinear in place; returns (model, quantization_config, report).
+
+    rtn needs nothing else; gptq needs `tokenizer` and `calib` (a list of texts).
+    """
     if method not in METHODS:
         raise UsageError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
     if (bits is None) == (size is None):
@@ -69,18 +76,38 @@ def quantize_model(model, tokenizer=None, method: str = "rtn", bits: float | Non
     linears = quantizable_linears(model)
     if not linears:
         raise UsageError("the model has no nn.Linear layers to quantize")
+    device = device or next(model.parameters()).device
     t0 = time.time()
     width = choose_uniform_bits(model, linears, group_size, float_dtype, bits=bits, size=size)
     layers = {}
-    for name, lin in tqdm(linears.items(), desc=f"{method} {width}-bit", disable=not progress):
-        w = lin.weight
-        col_bits = torch.full((lin.in_features,), width, dtype=torch.uint8, device=w.device)
-        perm = torch.arange(lin.in_features, device=w.device)
-        tensors = quantize_weight_rtn(w, col_bits, perm, group_size)
+
+    def replace(name, lin, tensors):
         bias = lin.bias.detach().to(float_dtype) if lin.bias is not None else None
         new = XbitLinear.from_tensors(tensors, bias, group_size)
         set_submodule(model, name, new)
         layers[name] = layer_spec(new)
+
+    def uniform_bits(lin):
+        return torch.full((lin.in_features,), width, dtype=torch.uint8, device=lin.weight.device)
+
+    if method == "gptq":
+        if tokenizer is None or not calib:
+            raise UsageError("gptq needs a tokenizer and calibration texts")
+        ids = calibration_ids(tokenizer, calib, calib_samples, seq_len, seed)
+        prefix = decoder_layers_path(model)
+
+        def quantize_block(index, block, hessians):
+            for local, h in hessians.items():
+                name = f"{prefix}.{index}.{local}"
+                if name in linears:
+                    lin = linears[name]
+                    tensors = quantize_weight_gptq(lin.weight, h, uniform_bits(lin), act_order(h), group_size, damp)
+                    replace(name, lin, tensors)
+
+        run_blocks(model, ids, device, quantize_block, progress=progress)
+    for name, lin in tqdm([kv for kv in linears.items() if kv[0] not in layers], desc=f"rtn {width}-bit",
+                          disable=not progress or method != "rtn"):
+        replace(name, lin, quantize_weight_rtn(lin.weight, uniform_bits(lin), torch.arange(lin.in_features), group_size))
     qconfig = {"quant_method": "xbit", "format_version": FORMAT_VERSION, "method": method, "layers": layers}
     report = summarize(model, linears, float_dtype, method=method, code_bits=width, group_size=group_size,
                        seconds=time.time() - t0)
@@ -119,7 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--bits", type=float, help="rtn/gptq: integer code width; xbit: average bits per weight")
     target.add_argument("--size", help="total checkpoint bytes, e.g. 60MB, 1.2GB")
     p.add_argument("--group-size", type=int, default=128, help="columns per scale/zero group (default 128)")
-    p.add_argument("--calib", help="calibration text: file, folder of .txt, or datasets:NAME")
+    p.add_argument("--calib", help="calibration text: file, folder of .txt, or datasets:NAME "
+                   "(default: State of the Union addresses before 2000)")
+    p.add_argument("--calib-samples", type=int, default=128, help="calibration sequences (default 128)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
+    p.add_argument("--damp", type=float, default=0.01, help="gptq dampening, fraction of mean diag(H) (default 0.01)")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="output checkpoint folder (omit to only report)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -182,19 +214,34 @@ def run(args) -> int:
     size = parse_size(args.size) if args.size is not None else None
     if args.out and Path(args.out).exists() and any(Path(args.out).iterdir()) and not args.overwrite:
         raise UsageError(f"--out {args.out} exists and is not empty (add --overwrite to replace it)")
+    if args.calib_samples < 1 or args.seq_len < 2:
+        raise UsageError("--calib-samples must be >= 1 and --seq-len >= 2")
+    calib = None
     if args.calib:
         from .calib import load_calib_texts
 
-        load_calib_texts(args.calib)  # validated now; rtn itself needs no calibration
+        calib = load_calib_texts(args.calib)  # read now so a bad path fails before any work
+    elif args.method != "rtn":
+        from eval.assets import text_files
+
+        calib = [p.read_text(encoding="utf-8") for p in text_files("sotu-calib")]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device cuda asked but no CUDA device is available")
     progress = not args.no_progress
+    if not progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    if args.method in ("rtn", "gptq") and args.bits is not None and (args.bits != int(args.bits) or not 1 <= args.bits <= MAX_BITS):
+        raise UsageError(f"--bits for {args.method} is an integer code width 1..{MAX_BITS}, got {args.bits}")
     model, tok, model_id = _load_model(args.model, device)
     ref_ppl = _perplexities(model, tok, args.eval_text, args.ctx, args.eval_max_tokens, progress) if args.eval_text else {}
     float_dtype = FLOAT_DTYPES[args.dtype]
     model, qconfig, report = quantize_model(model, tok, method=args.method, bits=args.bits, size=size,
-                                            group_size=args.group_size, float_dtype=float_dtype, progress=progress)
+                                            group_size=args.group_size, calib=calib, calib_samples=args.calib_samples,
+                                            seq_len=args.seq_len, damp=args.damp, device=device,
+                                            float_dtype=float_dtype, progress=progress, seed=args.seed)
     report.update(model=model_id, target_bytes=size, target_bits=args.bits)
     if size is not None and report["checkpoint_bytes"] > size:
         raise UsageError(f"internal error: result {report['checkpoint_bytes']} bytes exceeds target {size}")

@@ -25,4 +25,4 @@ def quantize_weight_rtn(weight: torch.Tensor, bits: torch.Tensor, perm: torch.Te
         codes.append(torch.cat(seg_codes, dim=1))
         scales.append(torch.stack(seg_scales))
         zeros.append(torch.stack(seg_zeros))
-    return assemble(weight.shape[1], bits, perm, group_size, codes, scales, zeros)
+    return assemble(weight.shape[0], bits, perm, group_size, codes, scales, zeros)

@@ -1,0 +1,76 @@
+"""`python -m xbit.quantize`: a real run on a tiny model, and every error path: one line, exit 2, nothing written."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from xbit.quantize import main
+
+
+def run_cli(capsys, *args):
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_quantize_writes_checkpoint_and_table(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "q"
+    code, stdout, _ = run_cli(capsys, "--model", tiny_model_dir, "--method", "rtn", "--bits", 4, "--group-size", 32,
+                              "--out", out, "--device", "cpu", "--no-progress")
+    assert code == 0
+    assert "checkpoint bytes" in stdout and "bits/weight (quantized layers)" in stdout
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization_config"]["quant_method"] == "xbit"
+    report = json.loads((out / "xbit_report.json").read_text())
+    assert report["code_bits"] == 4
+    # 4-bit codes + fp16 scale and zero per 32 columns = 5 bits, plus the per-column bits/perm bytes
+    assert 5.0 < report["bits_per_weight_layers"] < 5.5
+
+
+def test_size_target_picks_widest_uniform_width_that_fits(tiny_model_dir, tmp_path, capsys):
+    code, _, _ = run_cli(capsys, "--model", tiny_model_dir, "--bits", 3, "--group-size", 32, "--out", tmp_path / "a",
+                         "--no-progress")
+    assert code == 0
+    three = json.loads((tmp_path / "a" / "xbit_report.json").read_text())["checkpoint_bytes"]
+    code, _, _ = run_cli(capsys, "--model", tiny_model_dir, "--size", three + 10, "--group-size", 32,
+                         "--out", tmp_path / "b", "--no-progress")
+    report = json.loads((tmp_path / "b" / "xbit_report.json").read_text())
+    assert code == 0 and report["code_bits"] == 3 and report["checkpoint_bytes"] <= three + 10
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--bits", "3", "--method", "magic"], "unknown --method"),
+    (["--bits", "2.5"], "integer code width"),
+    (["--bits", "9"], "integer code width"),
+    (["--size", "10B"], "below the smallest checkpoint"),
+    (["--size", "10GB"], "not below the float checkpoint"),
+    (["--size", "12 parsecs"], "cannot read size"),
+    (["--bits", "3", "--group-size", "0"], "--group-size must be positive"),
+    (["--bits", "3", "--calib", "/no/such/file.txt"], "not found"),
+])
+def test_bad_arguments_exit_2_with_one_line_and_write_nothing(tiny_model_dir, tmp_path, capsys, args, message):
+    out = tmp_path / "never"
+    code, _, err = run_cli(capsys, "--model", tiny_model_dir, "--out", out, "--no-progress", *args)
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["tiny-llama"]
+
+
+def test_unreachable_model_and_existing_output(tiny_model_dir, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "--model", tmp_path / "missing-model", "--bits", 3, "--no-progress")
+    assert code == 2 and "cannot load model" in err and len(err.strip().splitlines()) == 1
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    code, _, err = run_cli(capsys, "--model", tiny_model_dir, "--bits", 3, "--out", busy, "--no-progress")
+    assert code == 2 and "exists and is not empty" in err
+    assert [p.name for p in busy.iterdir()] == ["keep.txt"]
+
+
+def test_missing_target_is_a_usage_error_without_traceback(tiny_model_dir):
+    proc = subprocess.run([sys.executable, "-m", "xbit.quantize", "--model", str(tiny_model_dir)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "one of the arguments --bits --size is required" in proc.stderr

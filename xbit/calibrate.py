@@ -1,0 +1,121 @@
+"""Calibration: real text through the model one decoder block at a time, collecting E[x x^T] per linear input.
+
+Only one decoder block sits on the compute device at a time; the rest of the model stays where it was loaded
+(CPU, or offloaded by accelerate). Each block's outputs, computed with the block already quantized, become the
+next block's inputs, as in GPTQ.
+"""
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+def calibration_ids(tokenizer, texts: list[str], n_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    """n_samples windows of seq_len tokens drawn at random (seeded) from the joined calibration texts."""
+    ids = tokenizer("\n\n".join(texts), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    if ids.numel() <= seq_len:
+        raise ValueError(f"calibration text has {ids.numel()} tokens, need more than --seq-len {seq_len}")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seq_len, (n_samples,), generator=g)
+    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+
+
+BLOCK_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers")
+
+
+def decoder_layers_path(model) -> str:
+    for path in BLOCK_PATHS:
+        try:
+            if isinstance(model.get_submodule(path), nn.ModuleList):
+                return path
+        except AttributeError:
+            continue
+    raise ValueError("cannot find the decoder blocks of this model (looked for model.layers and friends)")
+
+
+def decoder_layers(model) -> nn.ModuleList:
+    return model.get_submodule(decoder_layers_path(model))
+
+
+class _Stop(Exception):
+    pass
+
+
+class _Catcher(nn.Module):
+    """Stands in for block 0 and records what the model feeds it."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block, self.inputs, self.kwargs = block, [], []
+
+    def forward(self, hidden, *args, **kwargs):
+        self.inputs.append(hidden.detach())
+        self.kwargs.append({k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "use_cache")})
+        raise _Stop
+
+
+@torch.no_grad()
+def block_inputs(model, ids: torch.Tensor, device, batch_size: int = 8):
+    """Hidden states entering block 0 for each calibration batch, and the keyword arguments of each batch."""
+    path = decoder_layers_path(model)
+    layers = model.get_submodule(path)
+    parent = model.get_submodule(path.rpartition(".")[0]) if "." in path else model
+    for child in parent.children():  # embeddings and rotary tables go to the compute device; blocks stay home
+        if child is not layers:
+            child.to(device)
+    catcher = _Catcher(layers[0])
+    layers[0] = catcher
+    try:
+        for i in range(0, ids.shape[0], batch_size):
+            try:
+                model(ids[i : i + batch_size].to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        layers[0] = catcher.block
+    return catcher.inputs, catcher.kwargs
+
+
+class HessianHook:
+    """Accumulates H = sum over tokens of x x^T (float64-free: float32 sums of per-batch products) for one linear."""
+
+    def __init__(self, module: nn.Linear):
+        self.h = torch.zeros(module.in_features, module.in_features, dtype=torch.float32, device=module.weight.device)
+        self.tokens = 0
+        self.handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output):
+        x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+        self.h += x.t() @ x
+        self.tokens += x.shape[0]
+
+    def mean(self) -> torch.Tensor:
+        """E[x x^T]."""
+        self.handle.remove()
+        return self.h / max(self.tokens, 1)
+
+
+@torch.no_grad()
+def run_blocks(model, ids: torch.Tensor, device, quantize_block, batch_size: int = 8, progress: bool = True):
+    """Calls quantize_block(index, block, {linear name: E[x x^T]}) for every decoder block in order.
+
+    `quantize_block` replaces the block's linears (in place); the block is then rerun to feed the next one.
+    """
+    layers = decoder_layers(model)
+    hidden, kwargs = block_inputs(model, ids, device, batch_size)
+    for i in tqdm(range(len(layers)), desc="blocks", disable=not progress):
+        block = layers[i]
+        home = next(block.parameters()).device
+        block.to(device)
+        linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+        hooks = {n: HessianHook(m) for n, m in linears.items()}
+        for h, kw in zip(hidden, kwargs):
+            block(h, **kw)
+        quantize_block(i, block, {n: hook.mean() for n, hook in hooks.items()})
+        hidden = [_block_output(block(h, **kw)) for h, kw in zip(hidden, kwargs)]
+        block.to(home)
+    return model
+
+
+def _block_output(out):
+    return out[0] if isinstance(out, tuple) else out
