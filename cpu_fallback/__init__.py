@@ -1,0 +1,140 @@
+"""CPU kernel for x-bit linears: C++/OpenMP SIMD (AVX-512, AVX2+FMA, scalar) through ctypes.
+
+`CpuKernel` follows the xbit.dispatch interface. Environment:
+  XBIT_CPU_ISA=scalar|avx2|avx512   force a code path (default: the best the CPU supports)
+  XBIT_CPU_THREADS=N                OpenMP threads (default: torch.get_num_threads(), 1 for tiny products)
+Imports nothing of xbit: a layer is anything with the XbitLinear buffers (qweight, scales, zeros, perm, bits,
+group_size, bias).
+"""
+
+import os
+import warnings
+
+import torch
+
+from ._lib import ISAS, load
+
+BLOCK = 32
+_LIB, _WHY = load()
+_warned = False
+
+
+def available() -> tuple[bool, str]:
+    return _LIB is not None, _WHY
+
+
+def best_isa() -> str:
+    if _LIB is None:
+        raise RuntimeError(_WHY)
+    return {v: k for k, v in ISAS.items()}[_LIB.xbit_cpu_best_isa()]
+
+
+def supported_isas() -> list[str]:
+    return [name for name, code in ISAS.items() if _LIB is not None and _LIB.xbit_cpu_isa_supported(code)]
+
+
+def _isa(isa: str | None) -> int:
+    name = isa or os.environ.get("XBIT_CPU_ISA") or best_isa()
+    if name not in ISAS:
+        raise ValueError(f"XBIT_CPU_ISA must be one of {sorted(ISAS)}, got {name!r}")
+    if not _LIB.xbit_cpu_isa_supported(ISAS[name]):
+        raise RuntimeError(f"this CPU does not support the {name} path (supported: {supported_isas()})")
+    return ISAS[name]
+
+
+def _threads(threads: int | None, work: int) -> int:
+    """Explicit argument, then XBIT_CPU_THREADS, then torch's count; tiny products stay on one thread by default
+    because an OpenMP fork/join costs more than they do."""
+    if threads or os.environ.get("XBIT_CPU_THREADS"):
+        return int(threads or os.environ["XBIT_CPU_THREADS"])
+    return 1 if work < (1 << 18) else torch.get_num_threads()
+
+
+class _Plan:
+    """What the kernel needs besides the buffers, computed once per layer: the segment table."""
+
+    def __init__(self, layer):
+        bits, perm, g = layer.bits, layer.perm.long(), layer.group_size
+        ordered = bits.long()[perm].tolist()
+        rows, i, word, group, xoff = [], 0, 0, 0, 0
+        while i < len(ordered):  # runs of equal bits in storage order, as in xbit.format.segments_of
+            b, j = ordered[i], i
+            while j < len(ordered) and ordered[j] == b:
+                j += 1
+            cols = j - i
+            if b > 0:
+                rows.append([b, i, cols, word, group, xoff])
+                word += -(-cols // BLOCK) * b
+                group += -(-cols // g)
+                xoff += -(-cols // BLOCK) * BLOCK
+            i = j
+        self.key = _key(layer)
+        self.segs = torch.tensor(rows, dtype=torch.int32).reshape(-1, 6).contiguous()
+        self.perm = perm.to(torch.int32).contiguous()
+        self.ngroups, self.kp = group, xoff
+        if word != layer.qweight.shape[0] or group != layer.scales.shape[0]:
+            raise ValueError(f"layer buffers do not match its bits/perm: {word} words and {group} groups expected, "
+                             f"got qweight {tuple(layer.qweight.shape)} and scales {tuple(layer.scales.shape)}")
+
+
+def _key(layer):  # a new plan whenever bits or perm are replaced or written in place (load_state_dict)
+    return (layer.bits.data_ptr(), layer.bits._version, layer.perm.data_ptr(), layer.perm._version, layer.group_size)
+
+
+def _plan(layer) -> _Plan:
+    plan = getattr(layer, "_xbit_cpu_plan", None)
+    if plan is None or plan.key != _key(layer):
+        plan = _Plan(layer)
+        layer._xbit_cpu_plan = plan
+    return plan
+
+
+def matmul(x: torch.Tensor, layer, threads: int | None = None, isa: str | None = None) -> torch.Tensor:
+    """y = x @ W.T (+ bias) for an x-bit layer; x float32 or bfloat16 on the CPU, y in x's dtype."""
+    if _LIB is None:
+        raise RuntimeError(_WHY)
+    plan = _plan(layer)
+    k, n = layer.bits.numel(), layer.scales.shape[1]
+    x2 = x.reshape(-1, k).contiguous()
+    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
+    qweight, scales, zeros = (t.contiguous() for t in (layer.qweight, layer.scales, layer.zeros))
+    if x2.shape[0] > 0 and n > 0:
+        rc = _LIB.xbit_cpu_matmul(
+            _isa(isa), _threads(threads, x2.shape[0] * n * plan.kp), x2.data_ptr(), int(x2.dtype == torch.bfloat16), x2.shape[0], k,
+            plan.perm.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), n,
+            plan.segs.data_ptr(), plan.segs.shape[0], layer.group_size, plan.ngroups, plan.kp, y.data_ptr())
+        if rc != 0:
+            raise RuntimeError(f"xbit_cpu_matmul failed with code {rc}")
+    y = y.to(x.dtype)
+    if layer.bias is not None:
+        y += layer.bias.to(x.dtype)
+    return y.reshape(*x.shape[:-1], n)
+
+
+class CpuKernel:
+    name = "cpu"
+
+    @staticmethod
+    def can_run(layer, x: torch.Tensor):
+        global _warned
+        if _LIB is None:
+            if not _warned:  # once per process: the reference is much slower, say why it runs
+                warnings.warn(f"xbit CPU kernels unavailable, using the PyTorch reference: {_WHY}", RuntimeWarning,
+                              stacklevel=3)
+                _warned = True
+            return False, _WHY
+        if x.device.type != "cpu" or layer.qweight.device.type != "cpu":
+            return False, "tensors are not on the CPU"
+        if x.dtype not in (torch.float32, torch.bfloat16):
+            return False, f"activation dtype {x.dtype} (float32 and bfloat16 only)"
+        if layer.group_size % BLOCK != 0:
+            return False, f"group_size {layer.group_size} is not a multiple of {BLOCK}"
+        if x.shape[-1] != layer.bits.numel():
+            return False, f"x has {x.shape[-1]} features, the layer {layer.bits.numel()}"
+        if x.requires_grad and torch.is_grad_enabled():
+            return False, "autograd needs the reference (no backward here)"
+        return True, ""
+
+    @staticmethod
+    def run(x: torch.Tensor, layer) -> torch.Tensor:
+        return matmul(x, layer)

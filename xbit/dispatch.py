@@ -6,6 +6,7 @@ Each kernel has `can_run(layer, x) -> (bool, reason)` and `run(x, layer) -> y`. 
 
 import torch
 
+from cpu_fallback import CpuKernel
 from triton_kernels import TritonKernel
 
 from .format import reference_matmul
@@ -24,7 +25,7 @@ class ReferenceKernel:
                                 layer.bias.to(x.dtype) if layer.bias is not None else None)
 
 
-KERNELS = [TritonKernel, ReferenceKernel]
+KERNELS = [TritonKernel, CpuKernel, ReferenceKernel]
 
 
 def choose(layer, x: torch.Tensor):

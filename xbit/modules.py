@@ -35,6 +35,15 @@ class XbitLinear(nn.Module):
             m.bias.data.copy_(bias)
         return m
 
+    def _apply(self, fn, recurse=True):
+        # model.float() / .half() must move the format tensors but never change their stored dtypes
+        super()._apply(fn, recurse)
+        for name in ("scales", "zeros"):
+            buf = getattr(self, name)
+            if buf.dtype != torch.float16:
+                setattr(self, name, buf.to(torch.float16))
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return dispatch.matmul(x, self)
 

@@ -1,0 +1,39 @@
+"""Finds and loads the compiled kernels (built by setup.py) with ctypes; torch-free."""
+
+import ctypes
+import importlib.machinery
+from pathlib import Path
+
+ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
+_NAME = "_xbit_cpu"
+_P, _I32, _I64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
+
+
+def _find() -> Path | None:
+    here = Path(__file__).resolve().parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        if (here / (_NAME + suffix)).is_file():
+            return here / (_NAME + suffix)
+    return None
+
+
+def load() -> tuple[ctypes.CDLL | None, str]:
+    """(library, "") or (None, why it is not available)."""
+    path = _find()
+    if path is None:
+        return None, (f"compiled library {_NAME}*.so not found in {Path(__file__).resolve().parent} (no C++ compiler "
+                      "at install time, or the build failed; reinstall with `pip install -v .` to see why)")
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        return None, f"cannot load {path.name}: {e}"
+    lib.xbit_cpu_isa_supported.argtypes, lib.xbit_cpu_isa_supported.restype = [ctypes.c_int], ctypes.c_int
+    lib.xbit_cpu_best_isa.argtypes, lib.xbit_cpu_best_isa.restype = [], ctypes.c_int
+    lib.xbit_cpu_openmp.argtypes, lib.xbit_cpu_openmp.restype = [], ctypes.c_int
+    lib.xbit_cpu_matmul.restype = ctypes.c_int
+    lib.xbit_cpu_matmul.argtypes = [
+        ctypes.c_int, ctypes.c_int, _P, ctypes.c_int, _I64, _I64, _P,  # isa, threads, x, x_bf16, M, K, perm
+        _P, _P, _P, _I64,  # qweight, scales, zeros, N
+        _P, _I32, _I32, _I64, _I64, _P,  # seg_table, nseg, group_size, ngroups, Kp, y
+    ]
+    return lib, ""

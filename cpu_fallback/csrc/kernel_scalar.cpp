@@ -1,0 +1,84 @@
+// Portable path: no SIMD intrinsics (the compiler may still auto-vectorise). Also serves the column
+// tails (N not a multiple of the vector width) of the SIMD paths, so it takes any column range.
+#include <algorithm>
+
+#include "xbit_cpu.h"
+
+namespace xbit {
+namespace {
+
+constexpr int kLanes = 16;  // output columns decoded together
+
+float half_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+  uint32_t bits;
+  if (exp == 0) {  // zero or subnormal: man * 2^-24
+    const float f = float(man) * (1.0f / 16777216.0f);
+    std::memcpy(&bits, &f, 4);
+    bits |= sign;
+  } else if (exp == 31) {
+    bits = sign | 0x7f800000u | (man << 13);
+  } else {
+    bits = sign | ((exp + 112) << 23) | (man << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+template <int B>
+void seg_scalar(const Args& a, const Seg& s, int64_t n0, int nw, int64_t m0, int mc) {
+  constexpr uint64_t mask = (1u << B) - 1;
+  const int nblk = (s.cols + kBlock - 1) / kBlock, bpg = a.group_size / kBlock;
+  float code[kBlock][kLanes];
+  float dot[kMaxRows][kLanes];
+  for (int b0 = 0, g = s.group_start; b0 < nblk; b0 += bpg, ++g) {
+    for (int r = 0; r < mc; ++r) std::fill(dot[r], dot[r] + kLanes, 0.0f);
+    for (int blk = b0; blk < std::min(nblk, b0 + bpg); ++blk) {
+      const int32_t* q = a.qweight + int64_t(s.word_start + blk * B) * a.N + n0;
+      for (int j = 0; j < kBlock; ++j) {  // code j: bits [j*B, j*B+B) of the block's little-endian stream
+        const int wi = j * B / 32, sh = j * B % 32;
+        for (int l = 0; l < nw; ++l) {
+          uint64_t v = uint32_t(q[wi * a.N + l]);
+          if (wi + 1 < B) v |= uint64_t(uint32_t(q[(wi + 1) * a.N + l])) << 32;
+          code[j][l] = float((v >> sh) & mask);
+        }
+      }
+      for (int r = 0; r < mc; ++r) {
+        const float* x = a.xp + (m0 + r) * a.Kp + s.xoff + blk * kBlock;
+        for (int j = 0; j < kBlock; ++j)
+          for (int l = 0; l < nw; ++l) dot[r][l] += code[j][l] * x[j];
+      }
+    }
+    for (int l = 0; l < nw; ++l) {
+      const float sc = half_to_float(a.scales[g * a.N + n0 + l]);
+      const float sz = sc * half_to_float(a.zeros[g * a.N + n0 + l]);
+      for (int r = 0; r < mc; ++r)  // scale * (sum q x - zero * sum x)
+        a.y[(m0 + r) * a.N + n0 + l] += sc * dot[r][l] - sz * a.gsum[(m0 + r) * a.ngroups + g];
+    }
+  }
+}
+
+}  // namespace
+
+void range_scalar(const Args& a, int64_t n0, int64_t n1, int64_t m0, int mc) {
+  for (int64_t n = n0; n < n1; n += kLanes) {
+    const int nw = int(std::min<int64_t>(kLanes, n1 - n));
+    for (int i = 0; i < a.nseg; ++i) {
+      const Seg& s = a.segs[i];
+      switch (s.bits) {
+        case 1: seg_scalar<1>(a, s, n, nw, m0, mc); break;
+        case 2: seg_scalar<2>(a, s, n, nw, m0, mc); break;
+        case 3: seg_scalar<3>(a, s, n, nw, m0, mc); break;
+        case 4: seg_scalar<4>(a, s, n, nw, m0, mc); break;
+        case 5: seg_scalar<5>(a, s, n, nw, m0, mc); break;
+        case 6: seg_scalar<6>(a, s, n, nw, m0, mc); break;
+        case 7: seg_scalar<7>(a, s, n, nw, m0, mc); break;
+        case 8: seg_scalar<8>(a, s, n, nw, m0, mc); break;
+        default: break;  // 0-bit columns store nothing; the binding never passes them
+      }
+    }
+  }
+}
+
+}  // namespace xbit

@@ -1,0 +1,34 @@
+// Shared declarations of the x-bit CPU kernels (see xbit/format.py for the storage format).
+// Torch-free: plain pointers in, float32 out.
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+namespace xbit {
+
+constexpr int kBlock = 32;   // columns per packed block (32 codes of b bits = b int32 words)
+constexpr int kMaxRows = 64; // activation rows per pass of the blocked GEMM (bounds the per-tile buffers)
+
+// One segment with bits > 0, in storage order.
+struct Seg {
+  int32_t bits, cols, word_start, group_start, xoff;  // xoff: first column of the segment in the padded x
+};
+
+struct Args {
+  const float* xp;       // [M, Kp] x permuted into storage order, each segment zero-padded to 32 columns
+  const float* gsum;     // [M, ngroups] sum of x over each group's columns
+  const int32_t* qweight;// [words, N]
+  const uint16_t* scales;// [ngroups, N] fp16 bits
+  const uint16_t* zeros; // [ngroups, N] fp16 bits
+  const Seg* segs;
+  float* y;              // [M, N] float32, accumulated into (zeroed by the caller)
+  int64_t N, Kp, ngroups;
+  int32_t nseg, group_size;  // group_size is a multiple of 32
+};
+
+// Each ISA computes y[m0:m0+mc, n0:n1] for all segments; mc <= kMaxRows.
+void range_scalar(const Args& a, int64_t n0, int64_t n1, int64_t m0, int mc);
+void range_avx2(const Args& a, int64_t n0, int64_t n1, int64_t m0, int mc);
+void range_avx512(const Args& a, int64_t n0, int64_t n1, int64_t m0, int mc);
+
+}  // namespace xbit

@@ -1,0 +1,56 @@
+"""Builds cpu_fallback's C++/OpenMP kernels as a plain shared library, loaded at run time with ctypes.
+
+Everything else about the package lives in pyproject.toml. No torch at build time. A missing compiler or a
+failed build never fails the install: xbit then runs the PyTorch reference on CPU and warns once, naming why.
+"""
+
+import platform
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+from setuptools.errors import CompileError, ExecError, LinkError, PlatformError
+
+SRC = "cpu_fallback/csrc"
+HEADERS = [f"{SRC}/xbit_cpu.h", f"{SRC}/simd_impl.inc"]
+X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+COMMON = ["-std=c++17", "-O3", "-g0", "-fPIC"] + (["-DXBIT_HAVE_X86_SIMD"] if X86 else [])
+# Each ISA gets its own translation unit and flags; api.cpp picks one at run time with __builtin_cpu_supports.
+SOURCES = [("api.cpp", []), ("kernel_scalar.cpp", [])]
+if X86:
+    SOURCES += [
+        ("kernel_avx2.cpp", ["-mavx2", "-mfma", "-mf16c"]),
+        # gcc 12 warns about its own _mm512_undefined_* idiom under -Wall
+        ("kernel_avx512.cpp", ["-mavx512f", "-mavx2", "-mfma", "-mf16c", "-Wno-maybe-uninitialized"]),
+    ]
+
+
+class BuildCpuKernels(build_ext):
+    def run(self):
+        try:
+            super().run()
+        except PlatformError as e:  # no usable compiler configured at all
+            self.warn(f"cpu_fallback: C++ kernels not built ({e}); the PyTorch reference will run on CPU")
+
+    def build_extension(self, ext):
+        if self.compiler.compiler_type != "unix":
+            self.warn(f"cpu_fallback: C++ kernels need gcc or clang, not {self.compiler.compiler_type}; skipped")
+            return
+        errors = []
+        for openmp in (["-fopenmp"], []):  # without OpenMP the kernels still build, single-threaded
+            try:
+                objects = []
+                for name, flags in SOURCES:
+                    objects += self.compiler.compile([f"{SRC}/{name}"], output_dir=self.build_temp,
+                                                     extra_postargs=COMMON + flags + openmp, depends=HEADERS)
+                self.compiler.link_shared_object(objects, self.get_ext_fullpath(ext.name), extra_postargs=openmp,
+                                                 target_lang="c++")
+                return
+            except (CompileError, LinkError, ExecError, OSError) as e:
+                errors.append(f"{' '.join(openmp) or 'no OpenMP'}: {e}")
+        self.warn("cpu_fallback: C++ kernels not built (" + "; ".join(errors) + "); the PyTorch reference will run on CPU")
+
+
+setup(
+    ext_modules=[Extension("cpu_fallback._xbit_cpu", sources=[f"{SRC}/{n}" for n, _ in SOURCES], depends=HEADERS)],
+    cmdclass={"build_ext": BuildCpuKernels},
+)
