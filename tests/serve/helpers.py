@@ -1,0 +1,117 @@
+"""Tiny offline model folders and a real server subprocess for the serve tests."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+TEXT = ("The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step. "
+        "To be or not to be, that is the question. All that glitters is not gold. Ünïcödé wörds ünd émojis 🙂 too. "
+        "Numbers 0 1 2 3 4 5 6 7 8 9 and punctuation: ; , . ! ? - ( ) [ ] { } \" ' / \\ @ # $ % ^ & * + =\n") * 4
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def tiny_tokenizer():
+    """Byte-level BPE (lossless decode, multi-byte characters split across tokens) with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([TEXT], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_model(vocab_size: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # sharper logits than the 0.02-std init, so greedy choices are not near-ties
+        model.lm_head.weight.mul_(8.0) if not cfg.tie_word_embeddings else model.model.embed_tokens.weight.mul_(8.0)
+    return model
+
+
+def make_xbit_dir(out_dir: Path) -> Path:
+    import xbit
+    from xbit import checkpoint
+
+    tok = tiny_tokenizer()
+    model = tiny_model(len(tok))
+    model, qconfig, report = xbit.quantize(model, None, method="rtn", bits=4, group_size=32, progress=False)
+    checkpoint.save(model, tok, out_dir, qconfig, report)
+    return out_dir
+
+
+def make_float_dir(out_dir: Path) -> Path:
+    tok = tiny_tokenizer()
+    model = tiny_model(len(tok), seed=1)
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`python -m serve` on a free loopback port; `url` once /health answers 200."""
+
+    def __init__(self, model_dir, *extra: str, env: dict | None = None, timeout: float = 90.0):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "serve", "--model", str(model_dir), "--port", str(self.port),
+               "--threads", "1", *extra]
+        self.log = open(Path(model_dir).parent / f"server-{self.port}.log", "w+")
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+        self.wait_ready(timeout)
+
+    def wait_ready(self, timeout: float):
+        import requests
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                if requests.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise TimeoutError(f"server not ready in {timeout}s:\n{self.output()}")
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.log.close()
+        return self.proc.returncode

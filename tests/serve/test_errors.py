@@ -1,0 +1,156 @@
+"""Bad input never gives a 500 nor kills the server; API key; disconnects free slots; graceful shutdown."""
+
+import json
+import signal
+import time
+
+import pytest
+import requests
+
+from tests.serve.helpers import ServerProcess
+
+BAD_BODIES = [
+    {},  # missing prompt
+    {"prompt": 5},
+    {"prompt": "x", "max_tokens": -1},
+    {"prompt": "x", "max_tokens": 10**12},
+    {"prompt": "x", "max_tokens": "many"},
+    {"prompt": ""},
+    {"prompt": []},
+    {"prompt": [[]]},
+    {"prompt": [-1, 3]},
+    {"prompt": [10**30]},
+    {"prompt": "hello " * 400, "max_tokens": 1},  # longer than the context
+    {"prompt": "x", "model": "no-such-model"},
+    {"prompt": "x", "temperature": -1},
+    {"prompt": "x", "top_p": 0},
+    {"prompt": "x", "n": 0},
+    {"prompt": "x", "n": 10**6},
+    {"prompt": "x", "logprobs": 1000},
+    {"prompt": "x", "stop": 3},
+    {"prompt": "x", "seed": 2**70},
+    {"prompt": "x", "stream": "yes please"},
+    {"prompt": ["x"] * 200, "n": 16},
+    [1, 2, 3],
+    "just a string",
+]
+
+
+def _assert_envelope(r, status=None):
+    assert 400 <= r.status_code < 500, (r.status_code, r.text)
+    if status:
+        assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+
+
+@pytest.mark.parametrize("body", BAD_BODIES, ids=range(len(BAD_BODIES)))
+def test_bad_completion_bodies(server, body):
+    r = requests.post(server.url + "/v1/completions", json=body, timeout=30)
+    _assert_envelope(r, 404 if isinstance(body, dict) and body.get("model") == "no-such-model" else None)
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/chat/completions", {"messages": []}),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 3}]}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi " * 300}]}),
+    ("/detokenize", {"tokens": [10**9]}),
+    ("/tokenize", {}),
+])
+def test_bad_other_bodies(server, path, body):
+    _assert_envelope(requests.post(server.url + path, json=body, timeout=30))
+
+
+@pytest.mark.parametrize("raw", [b"{bad json", b'{"prompt": "\xff\xfe\xfd"}', b"", b"\x00" * 100, b"[" * 10000])
+def test_malformed_bytes(server, raw):
+    r = requests.post(server.url + "/v1/completions", data=raw, timeout=30,
+                      headers={"Content-Type": "application/json"})
+    _assert_envelope(r)
+
+
+def test_unknown_route_and_method(server):
+    _assert_envelope(requests.get(server.url + "/v1/nothing", timeout=5), 404)
+    _assert_envelope(requests.get(server.url + "/v1/completions", timeout=5), 405)
+
+
+def test_fuzz_completions(server):
+    """Hypothesis-generated request bodies (valid field names, arbitrary JSON values): never a 5xx."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.integers(-3, 40),
+                        st.floats(allow_nan=False), st.text(max_size=30))
+    values = st.recursive(scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c,
+                                                                                         max_size=3), max_leaves=8)
+    fields = ["model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "n", "stream",
+              "stream_options", "logprobs", "echo", "messages", "ignore_eos"]
+    valid_prompt = st.one_of(st.text(max_size=40), st.lists(st.integers(0, 399), max_size=20))
+    body = st.fixed_dictionaries({"prompt": valid_prompt, "max_tokens": st.integers(-2, 8)},
+                                 optional={f: values for f in fields if f not in ("prompt", "max_tokens")})
+    seen = {"cases": 0}
+
+    @settings(max_examples=300, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"]),
+           body=body | values)
+    def check(path, body):
+        seen["cases"] += 1
+        r = requests.post(server.url + path, data=json.dumps(body), timeout=60,
+                          headers={"Content-Type": "application/json"})
+        assert r.status_code < 500, (path, body, r.status_code, r.text[:300])
+        if r.status_code >= 400:
+            assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+    check()
+    print(f"\nfuzz: {seen['cases']} cases, no 5xx")
+    assert seen["cases"] >= 300
+    assert requests.get(server.url + "/health", timeout=5).status_code == 200
+    r = requests.post(server.url + "/v1/completions", json={"prompt": "The", "max_tokens": 3}, timeout=30)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+
+
+def _running(server) -> float:
+    for line in requests.get(server.url + "/metrics", timeout=5).text.splitlines():
+        if line.startswith("xbit_running_sequences "):
+            return float(line.split()[1])
+    raise AssertionError("no xbit_running_sequences metric")
+
+
+def test_client_disconnect_frees_slot(server):
+    body = {"prompt": "The", "max_tokens": 250, "stream": True, "ignore_eos": True}
+    with requests.post(server.url + "/v1/completions", json=body, stream=True, timeout=30) as r:
+        next(r.iter_lines())  # generation is running
+    deadline = time.monotonic() + 20
+    while _running(server) > 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _running(server) == 0
+
+
+def test_api_key_and_graceful_shutdown(xbit_dir):
+    srv = ServerProcess(xbit_dir, "--api-key", "s3cret", "--max-seq-len", "256", "--shutdown-timeout", "5")
+    try:
+        assert requests.get(srv.url + "/health", timeout=5).status_code == 200
+        for path in ("/v1/models", "/metrics", "/tokenizer_info"):
+            _assert_envelope(requests.get(srv.url + path, timeout=5), 401)
+        _assert_envelope(requests.post(srv.url + "/v1/completions", json={"prompt": "x"}, timeout=5,
+                                       headers={"Authorization": "Bearer wrong"}), 401)
+        openai = pytest.importorskip("openai")
+        good = openai.OpenAI(base_url=srv.url + "/v1", api_key="s3cret", max_retries=0)
+        assert good.completions.create(model="tiny-xbit", prompt="The", max_tokens=2).choices[0].text is not None
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=srv.url + "/v1", api_key="nope", max_retries=0).models.list()
+        # SIGTERM with a stream in flight: the stream ends cleanly ([DONE]) and the process exits 0.
+        body = {"prompt": "The", "max_tokens": 200, "stream": True, "ignore_eos": True}
+        with requests.post(srv.url + "/v1/completions", json=body, stream=True, timeout=30,
+                           headers={"Authorization": "Bearer s3cret"}) as r:
+            lines = r.iter_lines(decode_unicode=True)
+            next(lines)
+            srv.proc.send_signal(signal.SIGTERM)
+            rest = [ln for ln in lines if ln]
+        assert rest[-1] == "data: [DONE]"
+        # uvicorn re-raises the caught SIGTERM after its graceful shutdown, so -SIGTERM is a clean exit too.
+        assert srv.proc.wait(30) in (0, -signal.SIGTERM)
+        assert "Application shutdown complete" in srv.output()
+    finally:
+        srv.stop()
