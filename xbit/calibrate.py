@@ -77,26 +77,29 @@ def block_inputs(model, ids: torch.Tensor, device, batch_size: int = 8):
 
 
 class HessianHook:
-    """Accumulates H = sum over tokens of x x^T (float64-free: float32 sums of per-batch products) for one linear."""
+    """Accumulates sum over tokens of x x^T for one linear (only its diagonal, sum x_j^2, when diag_only)."""
 
-    def __init__(self, module: nn.Linear):
-        self.h = torch.zeros(module.in_features, module.in_features, dtype=torch.float32, device=module.weight.device)
+    def __init__(self, module: nn.Linear, diag_only: bool = False):
+        k, dev = module.in_features, module.weight.device
+        self.diag_only = diag_only
+        self.h = torch.zeros(k, dtype=torch.float32, device=dev) if diag_only else torch.zeros(k, k, device=dev)
         self.tokens = 0
         self.handle = module.register_forward_hook(self._hook)
 
     def _hook(self, module, inputs, output):
         x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
-        self.h += x.t() @ x
+        self.h += x.pow(2).sum(0) if self.diag_only else x.t() @ x
         self.tokens += x.shape[0]
 
     def mean(self) -> torch.Tensor:
-        """E[x x^T]."""
+        """E[x x^T] [in, in], or only its diagonal E[x_j^2] [in] when diag_only."""
         self.handle.remove()
         return self.h / max(self.tokens, 1)
 
 
 @torch.no_grad()
-def run_blocks(model, ids: torch.Tensor, device, quantize_block, batch_size: int = 8, progress: bool = True):
+def run_blocks(model, ids: torch.Tensor, device, quantize_block, batch_size: int = 8, progress: bool = True,
+               diag_only: bool = False):
     """Calls quantize_block(index, block, {linear name: E[x x^T]}) for every decoder block in order.
 
     `quantize_block` replaces the block's linears (in place); the block is then rerun to feed the next one.
@@ -108,7 +111,7 @@ def run_blocks(model, ids: torch.Tensor, device, quantize_block, batch_size: int
         home = next(block.parameters()).device
         block.to(device)
         linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
-        hooks = {n: HessianHook(m) for n, m in linears.items()}
+        hooks = {n: HessianHook(m, diag_only) for n, m in linears.items()}
         for h, kw in zip(hidden, kwargs):
             block(h, **kw)
         quantize_block(i, block, {n: hook.mean() for n, hook in hooks.items()})

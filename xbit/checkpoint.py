@@ -30,7 +30,7 @@ def state_dict_to_store(model, float_dtype: torch.dtype) -> dict[str, torch.Tens
     seen, out = set(), {}
     for name, t in model.state_dict().items():
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if t.device.type != "meta" and key in seen:
+        if t.device.type != "meta" and t.numel() and key in seen:  # empty tensors share a null pointer
             continue
         seen.add(key)
         if t.is_floating_point() and not name.endswith((".scales", ".zeros")):

@@ -20,10 +20,12 @@ from .hf import layer_spec, set_submodule
 from .modules import XbitLinear
 from .calibrate import calibration_ids, decoder_layers_path, run_blocks
 from .gptq import act_order, quantize_weight_gptq
+from .learn import resolve_cost
+from .method_xbit import ALLOCATIONS, quantize_xbit
 from .rtn import quantize_weight_rtn
 from .sizes import float_component_bytes, parse_size, plan_bytes, uniform_counts
 
-METHODS = ("rtn", "gptq")
+METHODS = ("xbit", "gptq", "rtn")
 FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -62,10 +64,14 @@ def choose_uniform_bits(model, linears, group_size, float_dtype, bits=None, size
 def quantize_model(model, tokenizer=None, method: str = "rtn", bits: float | None = None, size: int | None = None,
                    group_size: int = 128, calib: list[str] | None = None, calib_samples: int = 128,
                    seq_len: int = 512, damp: float = 0.01, device=None, float_dtype=torch.float16,
-                   progress: bool = True, seed: int = 0):
+                   progress: bool = True, seed: int = 0, cost="kl", allocation: str = "learned", rounds: int = 3,
+                   compensate: bool = True, save_measurement=None, load_measurement=None):
     """Replace the model's linears by XbitLinear in place; returns (model, quantization_config, report).
 
-    rtn needs nothing else; gptq needs `tokenizer` and `calib` (a list of texts).
+    rtn needs nothing else; gptq and xbit need `tokenizer` and `calib` (a list of texts). For xbit, `bits` is the
+    average stored bits per weight of the quantized layers (all overhead counted) and `size` the total checkpoint
+    bytes; for rtn and gptq `bits` is the integer code width. `cost` is "kl", "ce" or a callable
+    (logits, ref_logits, ids) -> scalar that is 0 when the outputs are identical.
     """
     if method not in METHODS:
         raise UsageError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
@@ -78,8 +84,14 @@ def quantize_model(model, tokenizer=None, method: str = "rtn", bits: float | Non
         raise UsageError("the model has no nn.Linear layers to quantize")
     device = device or next(model.parameters()).device
     t0 = time.time()
-    width = choose_uniform_bits(model, linears, group_size, float_dtype, bits=bits, size=size)
-    layers = {}
+    if method == "xbit":
+        budget = xbit_layer_budget(model, linears, group_size, float_dtype, bits=bits, size=size)
+        width = None
+    else:
+        width = choose_uniform_bits(model, linears, group_size, float_dtype, bits=bits, size=size)
+    if method != "rtn" and (tokenizer is None or not calib):
+        raise UsageError(f"{method} needs a tokenizer and calibration texts")
+    layers, extra = {}, {}
 
     def replace(name, lin, tensors):
         bias = lin.bias.detach().to(float_dtype) if lin.bias is not None else None
@@ -90,9 +102,13 @@ def quantize_model(model, tokenizer=None, method: str = "rtn", bits: float | Non
     def uniform_bits(lin):
         return torch.full((lin.in_features,), width, dtype=torch.uint8, device=lin.weight.device)
 
+    if method == "xbit":
+        cost_fn = resolve_cost(cost) if isinstance(cost, str) else cost
+        extra = quantize_xbit(model, tokenizer, linears, replace, budget, calib, group_size, device, calib_samples,
+                              seq_len, seed, damp, cost_fn, allocation=allocation, rounds=rounds, compensate=compensate,
+                              save_measurement_to=save_measurement, load_measurement_from=load_measurement,
+                              progress=progress)
     if method == "gptq":
-        if tokenizer is None or not calib:
-            raise UsageError("gptq needs a tokenizer and calibration texts")
         ids = calibration_ids(tokenizer, calib, calib_samples, seq_len, seed)
         prefix = decoder_layers_path(model)
 
@@ -107,11 +123,42 @@ def quantize_model(model, tokenizer=None, method: str = "rtn", bits: float | Non
         run_blocks(model, ids, device, quantize_block, progress=progress)
     for name, lin in tqdm([kv for kv in linears.items() if kv[0] not in layers], desc=f"rtn {width}-bit",
                           disable=not progress or method != "rtn"):
+        if width is None:
+            raise UsageError(f"layer {name} lies outside the decoder blocks; xbit cannot quantize it yet")
         replace(name, lin, quantize_weight_rtn(lin.weight, uniform_bits(lin), torch.arange(lin.in_features), group_size))
     qconfig = {"quant_method": "xbit", "format_version": FORMAT_VERSION, "method": method, "layers": layers}
     report = summarize(model, linears, float_dtype, method=method, code_bits=width, group_size=group_size,
-                       seconds=time.time() - t0)
+                       seconds=time.time() - t0, **extra)
+    if size is not None and report["checkpoint_bytes"] > size:
+        raise RuntimeError(f"result {report['checkpoint_bytes']} bytes exceeds the target {size} (a bug)")
     return model, qconfig, report
+
+
+def xbit_layer_budget(model, linears, group_size, float_dtype, bits=None, size=None) -> int:
+    """Bytes the quantized layers may use: bits * weights / 8, or the size left after the float components."""
+    fixed = float_component_bytes(model, set(linears), float_dtype)
+    params = sum(m.weight.numel() for m in linears.values())
+    float_total = fixed + params * torch.empty((), dtype=float_dtype).element_size()
+    budget = int(bits * params / 8) if bits is not None else size - fixed
+    smallest = plan_bytes(linears, {n: [m.in_features] + [0] * MAX_BITS for n, m in linears.items()}, group_size)
+    if budget < smallest:
+        raise UsageError(f"target is below the smallest checkpoint the format can hold "
+                         f"({fixed + smallest} bytes, every column at 0 bits)")
+    if fixed + budget >= float_total:
+        raise UsageError(f"target ({fixed + budget} bytes) is not below the float checkpoint ({float_total} bytes)")
+    return budget
+
+
+def match_size(model, spec: str, float_dtype=torch.float16) -> int:
+    """'gptq:3' -> the exact checkpoint bytes of GPTQ g128 at 3 bits for this model (rtn:N the same: one layout)."""
+    method, _, rest = spec.partition(":")
+    width, _, gs = rest.partition(":")
+    if method not in ("gptq", "rtn") or not width.isdigit() or not 1 <= int(width) <= MAX_BITS:
+        raise UsageError(f"--match {spec!r}: expected gptq:BITS (BITS 1..{MAX_BITS}), optionally gptq:BITS:GROUP")
+    group = int(gs) if gs.isdigit() else 128
+    linears = quantizable_linears(model)
+    fixed = float_component_bytes(model, set(linears), float_dtype)
+    return fixed + plan_bytes(linears, _uniform_plan(linears, int(width)), group)
 
 
 def summarize(model, original_linears: dict, float_dtype, **extra) -> dict:
@@ -141,10 +188,12 @@ def original_params(model, quantized: dict):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m xbit.quantize", description=__doc__.splitlines()[0])
     p.add_argument("--model", help="Hub id or local folder (default: the fetched SmolLM2-135M-Instruct)")
-    p.add_argument("--method", default="rtn", help=f"quantization method: {', '.join(METHODS)} (default rtn)")
+    p.add_argument("--method", default="xbit", help=f"quantization method: {', '.join(METHODS)} (default xbit)")
     target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--bits", type=float, help="rtn/gptq: integer code width; xbit: average bits per weight")
+    target.add_argument("--bits", type=float, help="rtn/gptq: integer code width; xbit: average bits per weight of "
+                        "the quantized layers, all overhead counted")
     target.add_argument("--size", help="total checkpoint bytes, e.g. 60MB, 1.2GB")
+    target.add_argument("--match", help="the exact checkpoint size of another quantization, e.g. gptq:3 (GPTQ g128)")
     p.add_argument("--group-size", type=int, default=128, help="columns per scale/zero group (default 128)")
     p.add_argument("--calib", help="calibration text: file, folder of .txt, or datasets:NAME "
                    "(default: State of the Union addresses before 2000)")
@@ -152,6 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
     p.add_argument("--damp", type=float, default=0.01, help="gptq dampening, fraction of mean diag(H) (default 0.01)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cost", default="kl", help="xbit task cost: kl (default), ce, or module:function")
+    p.add_argument("--cost-data", help="texts for --cost ce (file, folder or datasets:NAME)")
+    p.add_argument("--allocation", default="learned", choices=ALLOCATIONS,
+                   help="xbit: learned (default), proxy (no end-to-end learning) or uniform (ablation)")
+    p.add_argument("--rounds", type=int, default=3, help="xbit: rounds of allocation learning (default 3)")
+    p.add_argument("--no-compensate", action="store_true", help="xbit: plain rounding instead of GPTQ-style compensation")
+    p.add_argument("--save-measurement", help="xbit: save calibration statistics and column errors (safetensors)")
+    p.add_argument("--load-measurement", help="xbit: reuse a saved measurement (same model and group size)")
     p.add_argument("--out", help="output checkpoint folder (omit to only report)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -216,6 +273,10 @@ def run(args) -> int:
         raise UsageError(f"--out {args.out} exists and is not empty (add --overwrite to replace it)")
     if args.calib_samples < 1 or args.seq_len < 2:
         raise UsageError("--calib-samples must be >= 1 and --seq-len >= 2")
+    if args.rounds < 1:
+        raise UsageError("--rounds must be >= 1")
+    if args.load_measurement and not Path(args.load_measurement).is_file():
+        raise UsageError(f"--load-measurement {args.load_measurement} not found")
     calib = None
     if args.calib:
         from .calib import load_calib_texts
@@ -236,20 +297,29 @@ def run(args) -> int:
     if args.method in ("rtn", "gptq") and args.bits is not None and (args.bits != int(args.bits) or not 1 <= args.bits <= MAX_BITS):
         raise UsageError(f"--bits for {args.method} is an integer code width 1..{MAX_BITS}, got {args.bits}")
     model, tok, model_id = _load_model(args.model, device)
-    ref_ppl = _perplexities(model, tok, args.eval_text, args.ctx, args.eval_max_tokens, progress) if args.eval_text else {}
     float_dtype = FLOAT_DTYPES[args.dtype]
+    if args.match:
+        size = match_size(model, args.match, float_dtype)
+    cost = args.cost
+    if args.cost == "ce" and args.cost_data:
+        from .calib import load_calib_texts
+
+        calib = load_calib_texts(args.cost_data)  # ce on task text: that text also drives the measurement
+    ref_ppl = _perplexities(model, tok, args.eval_text, args.ctx, args.eval_max_tokens, progress) if args.eval_text else {}
     model, qconfig, report = quantize_model(model, tok, method=args.method, bits=args.bits, size=size,
                                             group_size=args.group_size, calib=calib, calib_samples=args.calib_samples,
                                             seq_len=args.seq_len, damp=args.damp, device=device,
-                                            float_dtype=float_dtype, progress=progress, seed=args.seed)
-    report.update(model=model_id, target_bytes=size, target_bits=args.bits)
-    if size is not None and report["checkpoint_bytes"] > size:
-        raise UsageError(f"internal error: result {report['checkpoint_bytes']} bytes exceeds target {size}")
+                                            float_dtype=float_dtype, progress=progress, seed=args.seed, cost=cost,
+                                            allocation=args.allocation, rounds=args.rounds,
+                                            compensate=not args.no_compensate, save_measurement=args.save_measurement,
+                                            load_measurement=args.load_measurement)
+    report.update(model=model_id, target_bytes=size, target_bits=args.bits, match=args.match)
     if args.out:
         checkpoint.save(model, tok, args.out, qconfig, report, float_dtype=float_dtype, overwrite=args.overwrite)
     q_ppl = _perplexities(model, tok, args.eval_text, args.ctx, args.eval_max_tokens, progress) if args.eval_text else {}
-    rows = [("model", model_id), ("method", f"{args.method} {report['code_bits']}-bit, group {args.group_size}"),
-            ("checkpoint bytes", f"{report['checkpoint_bytes']:,}"),
+    what = f"{report['code_bits']}-bit" if report["code_bits"] else f"{args.allocation} allocation"
+    rows = [("model", model_id), ("method", f"{args.method} {what}, group {args.group_size}"),
+            ("checkpoint bytes", f"{report['checkpoint_bytes']:,}" + (f" (target {size:,})" if size else "")),
             ("bits/weight (quantized layers)", f"{report['bits_per_weight_layers']:.3f}"),
             ("bits/weight (whole checkpoint)", f"{report['bits_per_weight_total']:.3f}"),
             ("quantize time", f"{report['seconds']:.1f} s"), ("peak memory", f"{_peak_memory_mb(device):.0f} MiB")]

@@ -23,7 +23,7 @@ def float_component_bytes(model, quantized: set[str], float_dtype: torch.dtype) 
     elem = torch.empty((), dtype=float_dtype).element_size()
     for name, t in model.state_dict().items():
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if key in seen:
+        if t.numel() and key in seen:
             continue
         seen.add(key)
         if name.removesuffix(".weight") in quantized and name.endswith(".weight"):

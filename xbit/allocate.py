@@ -1,0 +1,156 @@
+"""Bit allocation: per-column bit depths inside each weight, and the budgets across weights.
+
+Intra-layer model (DESIGN.md): the output error of a layer is sum_j E[x_j^2] * ||w_j - q_j||^2. For every column
+and every depth 0..8 the real quantization error is measured (`column_errors`). Across layers each layer's error
+is weighted by a sensitivity a_l, learned from the gradient of the end-to-end cost (see xbit.learn). With those
+weights the whole allocation is one Lagrangian problem: every column picks the depth minimising
+a_l * err_j(b) + lam * bits_j(b), and `lam` is bisected until the exact checkpoint bytes meet the budget.
+"""
+
+import torch
+
+from .format import MAX_BITS, layer_bytes
+from .grid import dequantize_codes, fit_grid, quantize_codes
+
+SCALE_ZERO_BITS = 32  # float16 scale + float16 zero per row per group
+
+
+def column_errors(weight: torch.Tensor, h_diag: torch.Tensor, group_size: int) -> torch.Tensor:
+    """err [in, 9]: E[x_j^2] * ||w_j - q_b(w_j)||^2 for b = 0..8, groups of consecutive original columns."""
+    w = weight.float()
+    out, k = w.shape
+    err = torch.empty(k, MAX_BITS + 1, device=w.device)
+    err[:, 0] = w.pow(2).sum(0)
+    for b in range(1, MAX_BITS + 1):
+        q = torch.empty_like(w)
+        for g0 in range(0, k, group_size):
+            blk = w[:, g0 : g0 + group_size]
+            scale, zero = fit_grid(blk, b)
+            q[:, g0 : g0 + group_size] = dequantize_codes(quantize_codes(blk, scale[:, None], zero[:, None], b),
+                                                          scale[:, None], zero[:, None])
+        err[:, b] = (w - q).pow(2).sum(0)
+    return err * h_diag.float().clamp(min=0)[:, None]
+
+
+def column_bit_cost(out_features: int, group_size: int) -> torch.Tensor:
+    """Approximate stored bits of one column at depth b (codes plus its share of the group's scale and zero)."""
+    b = torch.arange(MAX_BITS + 1, dtype=torch.float64)
+    return out_features * (b + (b > 0) * SCALE_ZERO_BITS / group_size)
+
+
+class Problem:
+    """All candidate columns of all layers, ready for a joint Lagrangian solve."""
+
+    def __init__(self, layers: dict, group_size: int, allowed=range(MAX_BITS + 1)):
+        # layers: name -> (err [in, 9] on CPU, out_features)
+        self.names = list(layers)
+        self.group_size = group_size
+        self.shapes = {n: (layers[n][1], layers[n][0].shape[0]) for n in self.names}
+        self.err = torch.cat([layers[n][0].double().cpu() for n in self.names])
+        self.cost = torch.cat([column_bit_cost(layers[n][1], group_size).expand(layers[n][0].shape[0], -1)
+                               for n in self.names])
+        self.layer_of = torch.cat([torch.full((layers[n][0].shape[0],), i) for i, n in enumerate(self.names)])
+        self.mask = torch.full((MAX_BITS + 1,), float("inf"), dtype=torch.float64)
+        self.mask[list(allowed)] = 0.0
+
+    def choose(self, lam: float, weights: torch.Tensor) -> torch.Tensor:
+        """Per-column depth minimising a_l * err + lam * cost (ties go to fewer bits)."""
+        obj = self.err * weights[self.layer_of][:, None] + lam * self.cost + self.mask
+        return obj.argmin(dim=1)
+
+    def split(self, bits: torch.Tensor) -> dict:
+        out, i = {}, 0
+        for n in self.names:
+            k = self.shapes[n][1]
+            out[n] = bits[i : i + k].to(torch.uint8)
+            i += k
+        return out
+
+    def exact_bytes(self, bits: torch.Tensor) -> int:
+        total = 0
+        for n, b in self.split(bits).items():
+            out, k = self.shapes[n]
+            total += layer_bytes(out, k, torch.bincount(b.long(), minlength=MAX_BITS + 1).tolist(), self.group_size)
+        return total
+
+
+def solve(problem: Problem, budget_bytes: int, weights: torch.Tensor | None = None, iters: int = 60) -> dict:
+    """Per-column depths of every layer with exact stored bytes <= budget_bytes, as close to it as lam allows.
+
+    Bisection on lam in log space; the result is then filled greedily, one column upgrade at a time by the best
+    error drop per byte, while it still fits (so the result lands just under the budget).
+    """
+    weights = torch.ones(len(problem.names), dtype=torch.float64) if weights is None else weights.double()
+    lo, hi = 1e-30, 1e30
+    best = problem.choose(hi, weights)
+    if problem.exact_bytes(best) > budget_bytes:
+        raise ValueError(f"budget of {budget_bytes} bytes is below the smallest allocation "
+                         f"({problem.exact_bytes(best)} bytes)")
+    for _ in range(iters):
+        mid = (lo * hi) ** 0.5
+        bits = problem.choose(mid, weights)
+        if problem.exact_bytes(bits) <= budget_bytes:
+            best, hi = bits, mid
+        else:
+            lo = mid
+    return problem.split(_fill(problem, best, budget_bytes, weights))
+
+
+def _fill(problem: Problem, bits: torch.Tensor, budget: int, weights: torch.Tensor, passes: int = 2) -> torch.Tensor:
+    """Spend the bytes left under the budget: single-step upgrades in order of error drop per bit, each taken
+    if the exact bytes of its layer (padding and groups included) still fit."""
+    bits = bits.clone()
+    counts = {n: torch.bincount(b.long(), minlength=MAX_BITS + 1).tolist() for n, b in problem.split(bits).items()}
+    layer_size = {n: layer_bytes(*problem.shapes[n], counts[n], problem.group_size) for n in problem.names}
+    slack = budget - sum(layer_size.values())
+    rows = torch.arange(bits.numel())
+    for _ in range(passes):
+        up = (bits + 1).clamp(max=MAX_BITS)
+        gain = (problem.err[rows, bits] - problem.err[rows, up]) * weights[problem.layer_of]
+        extra = problem.cost[rows, up] - problem.cost[rows, bits]
+        ok = (up > bits) & (problem.mask[up] == 0) & (gain > 0) & (extra <= slack * 8 + 1e-9)
+        cand = ok.nonzero().flatten()
+        cand = cand[torch.argsort(gain[cand] / extra[cand], descending=True)].tolist()
+        changed = False
+        for j in cand:
+            name = problem.names[int(problem.layer_of[j])]
+            c = counts[name]
+            b = int(bits[j])
+            c[b] -= 1
+            c[b + 1] += 1
+            new = layer_bytes(*problem.shapes[name], c, problem.group_size)
+            if new - layer_size[name] <= slack:
+                slack -= new - layer_size[name]
+                layer_size[name] = new
+                bits[j] = b + 1
+                changed = True
+            else:
+                c[b] += 1
+                c[b + 1] -= 1
+        if not changed:
+            break
+    return bits
+
+
+def uniform_fraction(problem: Problem, budget_bytes: int, h_diags: dict) -> dict:
+    """The ablation: every column of every layer at the same depth, the fraction that fits at depth+1 given to
+    the columns with the largest E[x_j^2] (act order), with the same exact-bytes budget."""
+    for b in range(MAX_BITS, -1, -1):
+        bits = torch.full((problem.err.shape[0],), b, dtype=torch.long)
+        if problem.exact_bytes(bits) <= budget_bytes:
+            break
+    if b == MAX_BITS:
+        return problem.split(bits)
+    h = torch.cat([h_diags[n].double().cpu() / h_diags[n].double().mean().clamp(min=1e-30) for n in problem.names])
+    order = torch.argsort(h, descending=True)
+    lo, hi = 0, order.numel()
+    while lo < hi:  # largest count of upgraded columns that fits
+        mid = (lo + hi + 1) // 2
+        trial = bits.clone()
+        trial[order[:mid]] = b + 1
+        if problem.exact_bytes(trial) <= budget_bytes:
+            lo = mid
+        else:
+            hi = mid - 1
+    bits[order[:lo]] = b + 1
+    return problem.split(bits)

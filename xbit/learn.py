@@ -1,0 +1,134 @@
+"""Learning the inter-layer allocation against the end-to-end task cost.
+
+Each quantizable layer l gets a gate t_l on its quantization error: y = W x + t_l * (Q - W) x. The task cost C(t)
+(default: KL(original || quantized) of next-token distributions on held-out tokens) is zero at t = 0 with zero
+gradient, so near the current allocation C ~ sum_l a_l * t_l^2 * E_l, where E_l is the layer's proxy error
+(sum_j E[x_j^2] ||w_j - q_j||^2). Backpropagation gives g_l = dC/dt_l at t = 1, hence the sensitivity
+a_l = g_l / (2 E_l). The joint Lagrangian solve (xbit.allocate) then re-allocates every column of every layer
+with those weights; a few rounds of measure-gradient-resolve (a Gauss-Newton step on the budgets) keep the
+allocation with the lowest measured cost.
+"""
+
+import importlib
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .format import MAX_BITS
+from .grid import dequantize_codes, fit_grid, quantize_codes
+
+
+def kl_cost(logits, ref_logits, ids):
+    """KL(original || quantized) per predicted token, averaged."""
+    ref = ref_logits.float().log_softmax(-1)
+    return F.kl_div(logits.float().log_softmax(-1), ref, log_target=True, reduction="none").sum(-1).mean()
+
+
+def ce_cost(logits, ref_logits, ids):
+    """Cross-entropy of the task text (the model's own next-token loss)."""
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def resolve_cost(spec: str):
+    """'kl', 'ce' or 'module:function' (a callable (logits, ref_logits, ids) -> scalar, 0 when identical)."""
+    if spec == "kl":
+        return kl_cost
+    if spec == "ce":
+        return ce_cost
+    if ":" in spec:
+        mod, _, fn = spec.partition(":")
+        try:
+            return getattr(importlib.import_module(mod), fn)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"cannot import cost {spec}: {e}") from None
+    raise ValueError(f"unknown cost {spec!r}: use kl, ce or module:function")
+
+
+def quantized_delta(weight: torch.Tensor, bits: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Q - W for per-column depths, with the proxy's grouping (consecutive original columns of equal depth)."""
+    w = weight.float()
+    delta = -w.clone()  # 0-bit columns: Q = 0
+    for b in range(1, MAX_BITS + 1):
+        cols = (bits == b).nonzero().flatten()
+        if cols.numel() == 0:
+            continue
+        sub = w[:, cols]
+        q = torch.empty_like(sub)
+        for g0 in range(0, cols.numel(), group_size):
+            blk = sub[:, g0 : g0 + group_size]
+            scale, zero = fit_grid(blk, b)
+            q[:, g0 : g0 + group_size] = dequantize_codes(quantize_codes(blk, scale[:, None], zero[:, None], b),
+                                                          scale[:, None], zero[:, None])
+        delta[:, cols] = q - sub
+    return delta
+
+
+class ErrorGates:
+    """Forward hooks adding t_l * (Q_l - W_l) x to each layer's output, with t a differentiable vector."""
+
+    def __init__(self, linears: dict, deltas: dict):
+        self.t = torch.ones(len(linears), requires_grad=True)
+        self.handles = []
+        for i, (name, lin) in enumerate(linears.items()):
+            self.handles.append(lin.register_forward_hook(self._hook(i, deltas[name])))
+
+    def _hook(self, i, delta):
+        def hook(module, inputs, output):
+            return output + self.t[i].to(output.dtype) * F.linear(inputs[0], delta.to(output.dtype))
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def reference_logits(model, ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [model(ids[i : i + batch_size].to(model.device), use_cache=False).logits
+                for i in range(0, ids.shape[0], batch_size)]
+
+
+def cost_and_gradient(model, linears, deltas, ids, ref_logits, cost_fn, batch_size: int):
+    """Task cost of the model with errors `deltas`, and dC/dt_l at t = 1 for every layer."""
+    gates = ErrorGates(linears, deltas)
+    total = 0.0
+    grad_mode = torch.is_grad_enabled()
+    torch.set_grad_enabled(True)  # callers run under no_grad; the gates need the graph
+    try:
+        for k, i in enumerate(range(0, ids.shape[0], batch_size)):
+            batch = ids[i : i + batch_size].to(model.device)
+            logits = model(batch, use_cache=False).logits
+            loss = cost_fn(logits, ref_logits[k], batch) * batch.shape[0] / ids.shape[0]
+            loss.backward()
+            total += loss.item()
+    finally:
+        gates.remove()
+        torch.set_grad_enabled(grad_mode)
+    return total, gates.t.grad.detach().double()
+
+
+def learn_allocation(model, problem, solve, budget, linears, held_out_ids, cost_fn, rounds: int = 3,
+                     batch_size: int = 4, progress: bool = True):
+    """Rounds of (allocate, measure cost and gradients, update sensitivities). Returns (bits, history)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    ref = reference_logits(model, held_out_ids, batch_size)
+    weights = torch.ones(len(problem.names), dtype=torch.float64)
+    best, history = None, []
+    for r in tqdm(range(rounds), desc="learning allocation", disable=not progress):
+        bits = solve(problem, budget, weights)
+        deltas = {n: quantized_delta(linears[n].weight, bits[n].to(linears[n].weight.device), problem.group_size)
+                  for n in problem.names}
+        cost, grad = cost_and_gradient(model, linears, deltas, held_out_ids, ref, cost_fn, batch_size)
+        history.append({"round": r, "cost": cost, "bytes": problem.exact_bytes(torch.cat(list(bits.values())))})
+        if best is None or cost < best[0]:
+            best = (cost, bits, weights.clone())
+        proxy = torch.tensor([problem.err[problem.layer_of == i].gather(1, bits[n].long()[:, None].cpu()).sum().item()
+                              for i, n in enumerate(problem.names)], dtype=torch.float64)
+        sens = (grad / (2 * proxy.clamp(min=1e-30))).clamp(min=0)
+        floor = sens[sens > 0].median() * 1e-3 if (sens > 0).any() else 1.0
+        sens = sens.clamp(min=floor)
+        sens = sens / sens.mean()
+        weights = (weights * sens).sqrt() if r else sens  # damped: geometric mean with the previous weights
+    return best[1], {"rounds": history, "best_cost": best[0], "sensitivities": dict(zip(problem.names, best[2].tolist()))}
