@@ -227,9 +227,12 @@ def _load_model(model_id: str | None, device: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if model_id is None:
-        from eval.assets import model_dir
+        from eval.assets import AssetError, model_dir
 
-        model_id = str(model_dir("smollm2"))
+        try:
+            model_id = str(model_dir("smollm2"))
+        except AssetError as e:
+            raise UsageError(f"cannot fetch the default model ({e}); pass --model") from None
     elif Path(model_id).exists() and not (Path(model_id) / "config.json").exists():
         raise UsageError(f"--model {model_id}: folder has no config.json")
     try:
@@ -238,6 +241,16 @@ def _load_model(model_id: str | None, device: str):
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot load model {model_id}: {str(e).splitlines()[0]}") from None
     return model.to(device).eval(), tok, model_id
+
+
+def _default_calib() -> list[str]:
+    """State of the Union addresses before 2000 (eval.assets fetches them once into the cache)."""
+    from eval.assets import AssetError, text_files
+
+    try:
+        return [p.read_text(encoding="utf-8") for p in text_files("sotu-calib")]
+    except AssetError as e:
+        raise UsageError(f"default calibration text unavailable ({e}); pass --calib") from None
 
 
 def _peak_memory_mb(device: str) -> float:
@@ -283,9 +296,7 @@ def run(args) -> int:
 
         calib = load_calib_texts(args.calib)  # read now so a bad path fails before any work
     elif args.method != "rtn":
-        from eval.assets import text_files
-
-        calib = [p.read_text(encoding="utf-8") for p in text_files("sotu-calib")]
+        calib = _default_calib()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device cuda asked but no CUDA device is available")
@@ -333,11 +344,13 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
+    from eval.assets import AssetError
+
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse itself exits 2 with one line on bad syntax
     try:
         return run(args)
-    except (UsageError, checkpoint.CheckpointError, ValueError, FileNotFoundError) as e:
+    except (UsageError, checkpoint.CheckpointError, ValueError, FileNotFoundError, AssetError) as e:
         print(f"xbit.quantize: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -30,41 +30,50 @@ def test_quantize_writes_checkpoint_and_table(tiny_model_dir, tmp_path, capsys):
 
 
 def test_size_target_picks_widest_uniform_width_that_fits(tiny_model_dir, tmp_path, capsys):
-    code, _, _ = run_cli(capsys, "--model", tiny_model_dir, "--bits", 3, "--group-size", 32, "--out", tmp_path / "a",
-                         "--no-progress")
+    code, _, _ = run_cli(capsys, "--model", tiny_model_dir, "--method", "rtn", "--bits", 3, "--group-size", 32,
+                         "--out", tmp_path / "a", "--no-progress")
     assert code == 0
     three = json.loads((tmp_path / "a" / "xbit_report.json").read_text())["checkpoint_bytes"]
-    code, _, _ = run_cli(capsys, "--model", tiny_model_dir, "--size", three + 10, "--group-size", 32,
-                         "--out", tmp_path / "b", "--no-progress")
+    code, _, _ = run_cli(capsys, "--model", tiny_model_dir, "--method", "rtn", "--size", three + 10,
+                         "--group-size", 32, "--out", tmp_path / "b", "--no-progress")
     report = json.loads((tmp_path / "b" / "xbit_report.json").read_text())
     assert code == 0 and report["code_bits"] == 3 and report["checkpoint_bytes"] <= three + 10
 
 
 @pytest.mark.parametrize("args, message", [
     (["--bits", "3", "--method", "magic"], "unknown --method"),
-    (["--bits", "2.5"], "integer code width"),
-    (["--bits", "9"], "integer code width"),
-    (["--size", "10B"], "below the smallest checkpoint"),
-    (["--size", "10GB"], "not below the float checkpoint"),
+    (["--method", "rtn", "--bits", "2.5"], "integer code width"),
+    (["--method", "gptq", "--bits", "9", "--calib", "CALIB"], "integer code width"),
+    (["--method", "rtn", "--size", "10B"], "below the smallest checkpoint"),
+    (["--method", "rtn", "--size", "10GB"], "not below the float checkpoint"),
+    (["--method", "xbit", "--bits", "0.01", "--calib", "CALIB"], "below the smallest checkpoint"),
+    (["--method", "xbit", "--bits", "40", "--calib", "CALIB"], "not below the float checkpoint"),
+    (["--method", "xbit", "--match", "gptq:9", "--calib", "CALIB"], "expected gptq:BITS"),
     (["--size", "12 parsecs"], "cannot read size"),
     (["--bits", "3", "--group-size", "0"], "--group-size must be positive"),
     (["--bits", "3", "--calib", "/no/such/file.txt"], "not found"),
+    (["--bits", "3", "--calib", "CALIB", "--cost", "nosuchmodule:fn"], "cannot import cost"),
 ])
 def test_bad_arguments_exit_2_with_one_line_and_write_nothing(tiny_model_dir, tmp_path, capsys, args, message):
     out = tmp_path / "never"
+    calib = tmp_path / "calib.txt"
+    calib.write_text(" ".join(["the of and to"] * 200))
+    args = [str(calib) if a == "CALIB" else a for a in args]
     code, _, err = run_cli(capsys, "--model", tiny_model_dir, "--out", out, "--no-progress", *args)
     assert code == 2
     assert message in err and len(err.strip().splitlines()) == 1
-    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["tiny-llama"]
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "tiny-llama"]
 
 
 def test_unreachable_model_and_existing_output(tiny_model_dir, tmp_path, capsys):
-    code, _, err = run_cli(capsys, "--model", tmp_path / "missing-model", "--bits", 3, "--no-progress")
+    code, _, err = run_cli(capsys, "--model", tmp_path / "missing-model", "--method", "rtn", "--bits", 3,
+                           "--no-progress")
     assert code == 2 and "cannot load model" in err and len(err.strip().splitlines()) == 1
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "keep.txt").write_text("mine")
-    code, _, err = run_cli(capsys, "--model", tiny_model_dir, "--bits", 3, "--out", busy, "--no-progress")
+    code, _, err = run_cli(capsys, "--model", tiny_model_dir, "--method", "rtn", "--bits", 3, "--out", busy,
+                           "--no-progress")
     assert code == 2 and "exists and is not empty" in err
     assert [p.name for p in busy.iterdir()] == ["keep.txt"]
 
@@ -73,4 +82,25 @@ def test_missing_target_is_a_usage_error_without_traceback(tiny_model_dir):
     proc = subprocess.run([sys.executable, "-m", "xbit.quantize", "--model", str(tiny_model_dir)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert "Traceback" not in proc.stderr and "one of the arguments --bits --size is required" in proc.stderr
+    assert "Traceback" not in proc.stderr and "one of the arguments --bits --size --match is required" in proc.stderr
+
+
+def test_xbit_cli_matches_gptq_size_exactly_and_reports(tiny_model_dir, tmp_path, capsys):
+    from tests.tiny import WORDS
+
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i in range(6):
+        (calib / f"{i}.txt").write_text(" ".join(WORDS[(i * 7 + j * 13) % len(WORDS)] for j in range(600)))
+    code, _, _ = run_cli(capsys, "--model", tiny_model_dir, "--method", "gptq", "--bits", 3, "--group-size", 32,
+                         "--calib", calib, "--calib-samples", 4, "--seq-len", 64, "--out", tmp_path / "g",
+                         "--no-progress")
+    assert code == 0
+    gptq_bytes = json.loads((tmp_path / "g" / "xbit_report.json").read_text())["checkpoint_bytes"]
+    code, stdout, _ = run_cli(capsys, "--model", tiny_model_dir, "--method", "xbit", "--match", "gptq:3:32",
+                              "--group-size", 32, "--calib", calib, "--calib-samples", 4, "--seq-len", 64,
+                              "--rounds", 2, "--out", tmp_path / "x", "--no-progress")
+    assert code == 0 and "learned allocation" in stdout
+    report = json.loads((tmp_path / "x" / "xbit_report.json").read_text())
+    assert report["checkpoint_bytes"] <= gptq_bytes == report["target_bytes"]
+    assert len(report["rounds"]) == 2 and "sensitivities" in report
