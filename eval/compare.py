@@ -1,0 +1,364 @@
+"""`python -m eval.compare`: quantize one model with several methods at exactly equal checkpoint bytes, evaluate.
+
+    python -m eval.compare --model smollm2 --methods rtn gptq xbit --targets gptq:2 gptq:3 gptq:4 \
+        --out runs/smollm2 --max-tokens 16384 --limit 100
+
+Targets (each becomes one byte count shared by every method):
+  gptq:B   the checkpoint bytes of a uniform B-bit, group-128 quantization in the xbit format (what a GPTQ g128
+           B-bit checkpoint costs here: codes, scales and zeros of every linear, float16 for the rest)
+  2.56     bits per weight over the whole checkpoint (bytes = bits x parameters / 8)
+  60MB     a plain size (B, KB, MB, GB, KiB, MiB, GiB)
+Uniform methods (rtn, gptq) take the widest code width that fits; xbit fills the bytes.
+
+Every cell (method x target, plus the float reference) is written to OUT/cells/ as it finishes and reused on the
+next run when its evaluation settings are unchanged. Methods this xbit build lacks get a skip line in the table.
+Writes OUT/results.json, OUT/results.md (the Markdown table, also printed) and OUT/plots/*.png.
+
+Regime: embeddings and lm_head stay float16 exactly as the GPTQ baseline keeps them, so equal total bytes are
+also equal bytes on the linear layers (DESIGN regime b).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import re
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REGIME = "b: embeddings/lm_head float16 as in GPTQ; equal total bytes = equal linear-layer bytes"
+TEXT_SPLITS = ("sotu-eval", "sotu-calib", "moby")
+
+
+class CompareError(ValueError):
+    """Bad arguments or inputs: printed as one line, exit 2."""
+
+
+# ---------------------------------------------------------------- targets
+
+
+def _linears(model):
+    import xbit
+
+    return xbit.quantize.quantizable_linears(model)
+
+
+def gptq_equivalent_bytes(model, bits: int, group_size: int = 128, float_dtype=torch.float16) -> int:
+    """Checkpoint bytes of a uniform `bits`-bit, group-`group_size` quantization of every linear (head excluded)."""
+    from xbit.sizes import float_component_bytes, plan_bytes, uniform_counts
+
+    linears = _linears(model)
+    plan = {n: uniform_counts(m.in_features, bits) for n, m in linears.items()}
+    return float_component_bytes(model, set(linears), float_dtype) + plan_bytes(linears, plan, group_size)
+
+
+def parameter_count(model) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def resolve_target(spec: str, model) -> int:
+    """A target string (gptq:B, bits per weight, or a size) -> checkpoint bytes."""
+    from xbit.sizes import parse_size
+
+    m = re.fullmatch(r"gptq:([1-8])", spec.strip())
+    if m:
+        return gptq_equivalent_bytes(model, int(m.group(1)))
+    if re.fullmatch(r"[0-9]*\.?[0-9]+", spec.strip()):
+        bpw = float(spec)
+        if not 0 < bpw < 16:
+            raise CompareError(f"target {spec!r}: bits per weight must be in (0, 16)")
+        return int(bpw * parameter_count(model) / 8)
+    try:
+        return parse_size(spec)
+    except ValueError:
+        raise CompareError(f"cannot read target {spec!r} (examples: gptq:3, 2.56, 60MB)") from None
+
+
+# ---------------------------------------------------------------- cells
+
+
+def _settings(args) -> dict:
+    return {"texts": args.texts, "protocol": args.protocol, "ctx": args.ctx, "max_tokens": args.max_tokens,
+            "n_seq": args.n_seq, "seq_len": args.seq_len, "tasks": args.tasks, "limit": args.limit,
+            "group_size": args.group_size}
+
+
+def _settings_hash(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _cell_path(out: Path, key: str) -> Path:
+    return out / "cells" / (re.sub(r"[^A-Za-z0-9_.-]+", "_", key) + ".json")
+
+
+def _write_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def _evaluate(model, tok, args, texts: dict[str, list[str]]) -> tuple[dict, dict]:
+    from eval.protocols import evaluate_perplexity
+
+    ppl = {}
+    for name, docs in texts.items():
+        ppl[name] = evaluate_perplexity(model, tok, docs, protocol=args.protocol, ctx=args.ctx,
+                                        max_tokens=args.max_tokens, n_seq=args.n_seq, seq_len=args.seq_len,
+                                        batch_size=args.batch_size, progress=args.progress)
+    tasks = {}
+    if args.tasks:
+        from eval.lm_eval_model import run_lm_eval, summarize_results
+
+        res = run_lm_eval(model, tok, args.tasks, limit=args.limit, batch_size=args.batch_size)
+        tasks = summarize_results(res)
+    return ppl, tasks
+
+
+def _calib_kwargs(method: str, args) -> dict:
+    """Calibration arguments for methods that take them (gptq, xbit): SOTU before 2000 unless --calib says."""
+    import inspect
+
+    import xbit
+
+    params = inspect.signature(xbit.quantize.quantize_model).parameters
+    if method == "rtn" or "calib" not in params:
+        return {}
+    if getattr(args, "_calib_texts", None) is None:
+        args._calib_texts = [t for docs in _load_texts([args.calib]).values() for t in docs]
+    kw = {"calib": args._calib_texts}
+    for name, value in (("calib_samples", args.calib_samples), ("seq_len", args.calib_seq_len)):
+        if name in params:
+            kw[name] = value
+    return kw
+
+
+def run_cell(ref_model, tok, method: str, target: str, target_bytes: int | None, args, texts) -> dict:
+    """Quantize a copy of the reference (unless method == "reference") and evaluate it."""
+    import xbit
+    from xbit.sizes import float_component_bytes
+
+    key = "reference" if method == "reference" else f"{method}@{target}"
+    cell = {"key": key, "method": method, "target": target, "target_bytes": target_bytes}
+    t0 = time.time()
+    if method == "reference":
+        model = ref_model
+        cell["checkpoint_bytes"] = float_component_bytes(ref_model, set(), torch.float16)
+        cell["bits_per_weight_total"] = 16.0
+    else:
+        model = copy.deepcopy(ref_model)
+        shapes = {n: m.out_features for n, m in _linears(model).items()}
+        model, _, report = xbit.quantize(model, tok, method=method, size=target_bytes,
+                                         group_size=args.group_size, progress=args.progress,
+                                         **_calib_kwargs(method, args))
+        if report["checkpoint_bytes"] > target_bytes:
+            raise RuntimeError(f"{key}: {report['checkpoint_bytes']} bytes exceed the target {target_bytes}")
+        cell.update({k: report[k] for k in ("checkpoint_bytes", "bits_per_weight_total", "bits_per_weight_layers")})
+        cell["code_bits"] = report.get("code_bits")
+        cell["quantize_seconds"] = round(time.time() - t0, 2)
+        cell["layers"] = {n: {"counts": v["counts"], "bytes": v["bytes"], "out_features": shapes.get(n, 1)}
+                          for n, v in report["layers"].items()}
+    cell["ppl"], cell["tasks"] = _evaluate(model, tok, args, texts)
+    cell["seconds"] = round(time.time() - t0, 2)
+    cell["status"] = "ok"
+    return cell
+
+
+# ---------------------------------------------------------------- table
+
+
+def _fmt(v, nd=3):
+    return "" if v is None else f"{v:.{nd}f}"
+
+
+def _task_columns(cells) -> list[tuple[str, str]]:
+    cols = set()
+    for c in cells:
+        for task, metrics in (c.get("tasks") or {}).items():
+            for metric in metrics:
+                if metric in ("acc", "acc_norm", "perplexity"):
+                    cols.add((task, metric))
+    return sorted(cols)
+
+
+def markdown_table(cells: list[dict], texts: list[str]) -> str:
+    tcols = _task_columns(cells)
+    head = ["method", "target", "bytes", "bits/w total", "bits/w linears", "code"]
+    head += [f"ppl {t}" for t in texts] + [f"{t.removeprefix('xbit_')} {m}" for t, m in tcols]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in cells:
+        row = [c["method"], c.get("target") or "-"]
+        if c.get("status") != "ok":
+            row += [f"{c.get('target_bytes') or '':,}" if c.get("target_bytes") else "",
+                    f"{c['status']}: {c.get('message', '')}"] + [""] * (len(head) - 4)
+        else:
+            row += [f"{c['checkpoint_bytes']:,}", _fmt(c.get("bits_per_weight_total")),
+                    _fmt(c.get("bits_per_weight_layers")), f"{c['code_bits']}-bit" if c.get("code_bits") else "-"]
+            row += [_fmt(c["ppl"][t]["ppl"]) if t in c.get("ppl", {}) else "" for t in texts]
+            row += [_fmt((c.get("tasks") or {}).get(t, {}).get(m), 2 if m == "perplexity" else 3) for t, m in tcols]
+        lines.append("| " + " | ".join(str(x) for x in row) + " |")
+    return "\n".join(lines)
+
+
+def _protocol_line(cells) -> str:
+    from eval.protocols import describe
+
+    for c in cells:
+        for res in (c.get("ppl") or {}).values():
+            return describe(res)
+    return "no perplexity"
+
+
+# ---------------------------------------------------------------- main
+
+
+def _load_reference(spec: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = spec
+    if spec in ("smollm2", "qwen"):
+        from eval.assets import model_dir
+
+        path = str(model_dir(spec))
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return model, tok, path
+
+
+def _load_texts(specs: list[str]) -> dict[str, list[str]]:
+    from eval.perplexity import load_texts
+
+    out = {}
+    for spec in specs:
+        if spec in TEXT_SPLITS and not Path(spec).exists():
+            from eval.assets import text_files
+
+            out[spec] = load_texts(text_files(spec))
+        elif Path(spec).exists():
+            out[Path(spec).name] = load_texts([spec])
+        else:
+            raise CompareError(f"text not found: {spec} (a file, a folder, or one of {', '.join(TEXT_SPLITS)})")
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m eval.compare", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n".join(__doc__.splitlines()[4:]))
+    p.add_argument("--model", default="smollm2", help="local folder, Hub id, or smollm2 / qwen (eval.assets)")
+    p.add_argument("--methods", nargs="+", default=["xbit", "gptq", "rtn"])
+    p.add_argument("--targets", nargs="+", default=["gptq:2", "gptq:3", "gptq:4"])
+    p.add_argument("--out", required=True, help="run folder (created; reused to resume)")
+    p.add_argument("--no-reference", dest="reference", action="store_false", help="skip the float reference row")
+    p.add_argument("--texts", nargs="*", default=["sotu-eval", "moby"], help="perplexity texts (files or splits)")
+    p.add_argument("--protocol", choices=["plain", "picollm"], default="plain", help="perplexity protocol")
+    p.add_argument("--ctx", type=int, default=512, help="plain protocol window")
+    p.add_argument("--max-tokens", type=int, default=None, help="plain protocol: cap on tokens per text")
+    p.add_argument("--n-seq", type=int, default=128, help="picollm protocol: sequences per text")
+    p.add_argument("--seq-len", type=int, default=1024, help="picollm protocol: tokens per sequence")
+    p.add_argument("--tasks", default="xbit_offline",
+                   help="lm-eval tasks, comma separated (offline: xbit_offline; Hub tasks work too); 'none' skips")
+    p.add_argument("--limit", type=float, default=None, help="lm-eval --limit per task (count or fraction)")
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--calib", default="sotu-calib", help="calibration text for gptq/xbit (default sotu-calib)")
+    p.add_argument("--calib-samples", type=int, default=128, help="calibration sequences for gptq/xbit")
+    p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration sequence")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    return p
+
+
+def run(args, argv=None) -> dict:
+    import xbit
+
+    args.tasks = [] if args.tasks in ("", "none") else [t for t in args.tasks.split(",") if t]
+    if args.limit is not None and args.limit >= 1:
+        args.limit = int(args.limit)
+    out = Path(args.out)
+    texts = _load_texts(args.texts)
+    ref, tok, model_path = _load_reference(args.model)
+    targets = {t: resolve_target(t, ref) for t in args.targets}
+    settings = _settings(args)
+    available = set(getattr(xbit.quantize, "METHODS", ()))
+    plan = ([("reference", None)] if args.reference else []) + [(m, t) for t in args.targets for m in args.methods]
+    cells = []
+    for method, target in plan:
+        key = "reference" if method == "reference" else f"{method}@{target}"
+        path = _cell_path(out, key)
+        tbytes = targets.get(target)
+        sh = _settings_hash(settings if method in ("reference", "rtn") else
+                            {**settings, "calib": [args.calib, args.calib_samples, args.calib_seq_len]})
+        if path.is_file():
+            old = json.loads(path.read_text())
+            if old.get("settings_hash") == sh and old.get("target_bytes") == tbytes:
+                print(f"[compare] {key}: done earlier, reused ({path})", file=sys.stderr)
+                cells.append(old)
+                continue
+            print(f"[compare] {key}: settings changed, recomputing", file=sys.stderr)
+        if method != "reference" and method not in available:
+            cells.append({"key": key, "method": method, "target": target, "target_bytes": tbytes,
+                          "status": "skipped",
+                          "message": f"method {method!r} not available in this xbit (has: {', '.join(sorted(available))})"})
+            print(f"[compare] {key}: skipped, {cells[-1]['message']}", file=sys.stderr)
+            continue
+        print(f"[compare] {key}: running (target {tbytes} bytes)" if tbytes else f"[compare] {key}: running",
+              file=sys.stderr)
+        try:
+            cell = run_cell(ref, tok, method, target, tbytes, args, texts)
+        except xbit.quantize.UsageError as e:  # e.g. a target below what the method can write
+            cells.append({"key": key, "method": method, "target": target, "target_bytes": tbytes,
+                          "status": "skipped", "message": str(e).splitlines()[0]})
+            continue
+        cell["settings_hash"] = sh
+        _write_json(path, cell)
+        cells.append(cell)
+
+    from eval import plots
+
+    now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    machine = f"{platform.machine()} {os.cpu_count()} CPU cores, torch {torch.__version__}" + (
+        f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")
+    table = markdown_table(cells, list(texts))
+    command = "python -m eval.compare " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    header = (f"model: {model_path}  \ncommand: `{command}`  \ndate: {now}; machine: {machine}  \n"
+              f"perplexity protocol: {_protocol_line(cells)}  \nregime: {REGIME}  \n"
+              f"targets: " + ", ".join(f"{t} = {b:,} bytes" for t, b in targets.items()) + "\n")
+    results = {"model": model_path, "command": command, "date": now, "machine": machine, "settings": settings,
+               "regime": REGIME, "targets": targets, "cells": cells}
+    _write_json(out / "results.json", results)
+    (out / "results.md").write_text(header + "\n" + table + "\n")
+    results["plots"] = [str(p) for p in plots.write_all(cells, out / "plots")]
+    results["table"] = table
+    print(header)
+    print(table)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    from eval.assets import AssetError
+
+    args = build_parser().parse_args(argv)
+    try:
+        run(args, argv)
+    except (CompareError, AssetError, ValueError, OSError) as e:
+        print(f"eval.compare: error: {e}".splitlines()[0], file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("eval.compare: interrupted; finished cells are kept", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
