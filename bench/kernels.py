@@ -71,6 +71,7 @@ def copy_bandwidth(do_bench) -> float:
 def dry_run(args) -> int:
     out, inf, m = 96, 256, 3
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: the kernel runs in the interpreter
+    os.environ["XBIT_TRITON_CPU"] = "1"  # and CPU tensors may use it
     import triton_kernels
 
     use_kernel, why = triton_kernels.triton_available()

@@ -1,8 +1,14 @@
 """Shared fixtures."""
 
-import pytest
+import os
 
-from tests.tiny import tiny_llama, tiny_tokenizer
+# Triton reads TRITON_INTERPRET when it is first imported, and any test (lm-eval, torch) may import it first:
+# set it for the whole session. CPU tensors still go to Triton only where a test also sets XBIT_TRITON_CPU=1.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from tests.tiny import tiny_llama, tiny_tokenizer  # noqa: E402
 
 
 @pytest.fixture

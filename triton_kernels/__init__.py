@@ -16,8 +16,14 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BLOCK = 32  # columns per packing block (xbit.format.BLOCK); kernels import nothing of xbit
 
 
+def _truthy(name: str) -> bool:
+    return os.environ.get(name, "0").lower() in ("1", "true", "on", "yes")
+
+
 def _interpret_env() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    """CPU tensors go through Triton's interpreter only on request: TRITON_INTERPRET=1 and XBIT_TRITON_CPU=1
+    (the tests set TRITON_INTERPRET for the whole session, since triton reads it when it is first imported)."""
+    return _truthy("TRITON_INTERPRET") and _truthy("XBIT_TRITON_CPU")
 
 
 def triton_available() -> tuple[bool, str]:
@@ -110,7 +116,7 @@ class TritonKernel:
             return False, why
         if x.device.type != "cuda":
             if not (x.device.type == "cpu" and _interpret_env()):
-                return False, f"input is on {x.device.type}, not CUDA (set TRITON_INTERPRET=1 for CPU)"
+                return False, f"input is on {x.device.type}, not CUDA (TRITON_INTERPRET=1 XBIT_TRITON_CPU=1 for the interpreter)"
             if "triton_kernels.matmul" in sys.modules and not _kernels().INTERPRET:
                 return False, "kernels were built for the GPU before TRITON_INTERPRET=1 was set"
         if x.dtype not in DTYPES:

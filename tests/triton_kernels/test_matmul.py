@@ -1,8 +1,8 @@
 """The Triton x-bit kernel against `xbit.format.reference_matmul`, on the CPU through Triton's interpreter.
 
-TRITON_INTERPRET=1 is set only while this module imports the kernels (triton.jit decides compiled vs
-interpreted at decoration time) and, through a fixture, while its tests run, so other test modules keep
-dispatching CPU tensors to the reference.
+tests/conftest.py sets TRITON_INTERPRET=1 before anything imports triton (triton reads it at import); this
+module also sets XBIT_TRITON_CPU=1 while its tests run, so that only here CPU tensors go to the interpreter and
+other test modules keep dispatching them to the CPU kernels.
 """
 
 import os
@@ -39,6 +39,7 @@ DTYPES = list(TOL)
 @pytest.fixture(autouse=True)
 def _interpret(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("XBIT_TRITON_CPU", "1")
 
 
 def make_layer(out: int, counts: list[int], group_size: int, bias: bool = False, seed: int = 0) -> XbitLinear:
@@ -162,7 +163,7 @@ def test_can_run_reasons(monkeypatch):
     assert not ok and "dtype" in why
     ok, why = triton_kernels.TritonKernel.can_run(layer, torch.zeros(1, 31, dtype=torch.float16))
     assert not ok and "features" in why
-    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.delenv("XBIT_TRITON_CPU")
     ok, why = triton_kernels.TritonKernel.can_run(layer, torch.zeros(1, 32, dtype=torch.float16))
     assert not ok and "CUDA" in why
 
