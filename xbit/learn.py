@@ -109,12 +109,12 @@ def cost_and_gradient(model, linears, deltas, ids, ref_logits, cost_fn, batch_si
 
 
 def learn_allocation(model, problem, solve, budget, linears, held_out_ids, cost_fn, rounds: int = 3,
-                     batch_size: int = 4, progress: bool = True):
+                     batch_size: int = 4, progress: bool = True, initial_weights=None):
     """Rounds of (allocate, measure cost and gradients, update sensitivities). Returns (bits, history)."""
     for p in model.parameters():
         p.requires_grad_(False)
     ref = reference_logits(model, held_out_ids, batch_size)
-    weights = torch.ones(len(problem.names), dtype=torch.float64)
+    weights = torch.ones(len(problem.names), dtype=torch.float64) if initial_weights is None else initial_weights
     best, history = None, []
     for r in tqdm(range(rounds), desc="learning allocation", disable=not progress):
         bits = solve(problem, budget, weights)
@@ -129,6 +129,6 @@ def learn_allocation(model, problem, solve, budget, linears, held_out_ids, cost_
         sens = (grad / (2 * proxy.clamp(min=1e-30))).clamp(min=0)
         floor = sens[sens > 0].median() * 1e-3 if (sens > 0).any() else 1.0
         sens = sens.clamp(min=floor)
-        sens = sens / sens.mean()
-        weights = (weights * sens).sqrt() if r else sens  # damped: geometric mean with the previous weights
+        # the measured sensitivities replace the weights, damped: geometric mean with the previous ones
+        weights = (weights * sens * (weights.mean() / sens.mean())).sqrt()
     return best[1], {"rounds": history, "best_cost": best[0], "sensitivities": dict(zip(problem.names, best[2].tolist()))}

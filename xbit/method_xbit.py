@@ -75,20 +75,40 @@ def storage_order(bits: torch.Tensor, h_diag: torch.Tensor) -> torch.Tensor:
     return torch.argsort(bits.long() * bits.numel() + rank.to(bits.device), stable=True)
 
 
+def tempered_errors(measurement: dict, importance: float) -> dict:
+    """Column errors with E[x_j^2] raised to `importance` instead of 1.
+
+    E[x_j^2] is dominated by a few massive activation dimensions (largest on the first tokens); weighting by it
+    fully starves the ordinary dimensions. Measured on SmolLM2 at the GPTQ 3-bit size (held-out KL of the
+    proxy allocation, plain rounding): importance 1.0 -> 3.2, 0.5 -> 1.2, 0.0 -> 2.0; uniform 3-bit 2.75.
+    """
+    out = {}
+    for n, m in measurement.items():
+        h = m["h_diag"].double().clamp(min=1e-20)
+        out[n] = (m["err"].double() * h[:, None] ** (importance - 1.0)).float()
+    return out
+
+
 def allocate(model, linears, measurement, budget, group_size, allocation, held_out_ids, cost_fn, rounds,
-             progress) -> tuple[dict, dict]:
-    problem = Problem({n: (measurement[n]["err"], linears[n].out_features) for n in linears}, group_size)
+             progress, importance: float = 0.5, min_bits: int = 2) -> tuple[dict, dict]:
+    err = tempered_errors(measurement, importance)
+    problem = Problem({n: (err[n], linears[n].out_features) for n in linears}, group_size,
+                      allowed=range(min_bits, 9))
     if allocation == "uniform":
         return uniform_fraction(problem, budget, {n: measurement[n]["h_diag"] for n in linears}), {}
+    # each layer's errors relative to its output energy (its error with every column at 0 bits): scale-free
+    energy = torch.tensor([err[n][:, 0].double().sum().item() for n in linears], dtype=torch.float64)
+    weights = 1.0 / energy.clamp(min=1e-30)
     if allocation == "proxy":
-        return solve(problem, budget), {}
+        return solve(problem, budget, weights), {}
     return learn_allocation(model, problem, solve, budget, linears, held_out_ids, cost_fn, rounds=rounds,
-                            progress=progress)
+                            progress=progress, initial_weights=weights)
 
 
 def quantize_xbit(model, tokenizer, linears: dict, replace, budget: int, texts: list[str], group_size: int, device,
                   calib_samples: int, seq_len: int, seed: int, damp: float, cost_fn, allocation: str = "learned",
                   rounds: int = 3, compensate: bool = True, held_out_samples: int = 16,
+                  importance: float = 0.5, min_bits: int = 2,
                   save_measurement_to=None, load_measurement_from=None, progress: bool = True):
     """Quantizes every layer in `linears`, handing its stored tensors to replace(name, linear, tensors) inside its
     block (so later blocks calibrate on quantized inputs). Returns the report extras."""
@@ -104,7 +124,7 @@ def quantize_xbit(model, tokenizer, linears: dict, replace, budget: int, texts: 
     if save_measurement_to:
         save_measurement(save_measurement_to, measurement, group_size)
     bits, learned = allocate(model, linears, measurement, budget, group_size, allocation, held_ids, cost_fn,
-                             rounds, progress)
+                             rounds, progress, importance=importance, min_bits=min_bits)
     prefix = decoder_layers_path(model)
 
     def quantize_block(index, block, hessians):

@@ -65,7 +65,8 @@ def quantize_model(model, tokenizer=None, method: str = "rtn", bits: float | Non
                    group_size: int = 128, calib: list[str] | None = None, calib_samples: int = 128,
                    seq_len: int = 512, damp: float = 0.01, device=None, float_dtype=torch.float16,
                    progress: bool = True, seed: int = 0, cost="kl", allocation: str = "learned", rounds: int = 3,
-                   compensate: bool = True, save_measurement=None, load_measurement=None):
+                   compensate: bool = True, save_measurement=None, load_measurement=None, importance: float = 0.5,
+                   min_bits: int = 2):
     """Replace the model's linears by XbitLinear in place; returns (model, quantization_config, report).
 
     rtn needs nothing else; gptq and xbit need `tokenizer` and `calib` (a list of texts). For xbit, `bits` is the
@@ -106,6 +107,7 @@ def quantize_model(model, tokenizer=None, method: str = "rtn", bits: float | Non
         cost_fn = resolve_cost(cost) if isinstance(cost, str) else cost
         extra = quantize_xbit(model, tokenizer, linears, replace, budget, calib, group_size, device, calib_samples,
                               seq_len, seed, damp, cost_fn, allocation=allocation, rounds=rounds, compensate=compensate,
+                              importance=importance, min_bits=min_bits,
                               save_measurement_to=save_measurement, load_measurement_from=load_measurement,
                               progress=progress)
     if method == "gptq":
@@ -206,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allocation", default="learned", choices=ALLOCATIONS,
                    help="xbit: learned (default), proxy (no end-to-end learning) or uniform (ablation)")
     p.add_argument("--rounds", type=int, default=3, help="xbit: rounds of allocation learning (default 3)")
+    p.add_argument("--min-bits", type=int, default=2, help="xbit: smallest column depth allowed, 0..8 (default 2)")
+    p.add_argument("--importance", type=float, default=0.5,
+                   help="xbit: exponent on E[x_j^2] in the column error (default 0.5; 1 = plain output MSE)")
     p.add_argument("--no-compensate", action="store_true", help="xbit: plain rounding instead of GPTQ-style compensation")
     p.add_argument("--save-measurement", help="xbit: save calibration statistics and column errors (safetensors)")
     p.add_argument("--load-measurement", help="xbit: reuse a saved measurement (same model and group size)")
@@ -288,6 +293,8 @@ def run(args) -> int:
         raise UsageError("--calib-samples must be >= 1 and --seq-len >= 2")
     if args.rounds < 1:
         raise UsageError("--rounds must be >= 1")
+    if not 0 <= args.min_bits <= MAX_BITS:
+        raise UsageError(f"--min-bits must be 0..{MAX_BITS}")
     if args.load_measurement and not Path(args.load_measurement).is_file():
         raise UsageError(f"--load-measurement {args.load_measurement} not found")
     calib = None
@@ -323,7 +330,8 @@ def run(args) -> int:
                                             float_dtype=float_dtype, progress=progress, seed=args.seed, cost=cost,
                                             allocation=args.allocation, rounds=args.rounds,
                                             compensate=not args.no_compensate, save_measurement=args.save_measurement,
-                                            load_measurement=args.load_measurement)
+                                            load_measurement=args.load_measurement, importance=args.importance,
+                                            min_bits=args.min_bits)
     report.update(model=model_id, target_bytes=size, target_bits=args.bits, match=args.match)
     if args.out:
         checkpoint.save(model, tok, args.out, qconfig, report, float_dtype=float_dtype, overwrite=args.overwrite)
