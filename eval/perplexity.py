@@ -87,7 +87,7 @@ def perplexity(model, tokenizer, texts: list[str], ctx: int = 512, bos: bool = F
                           batch_size=batch_size, progress=progress)
 
 
-def _resolve_text(item: str) -> tuple[str, list[Path]]:
+def resolve_text(item: str) -> tuple[str, list[Path]]:
     """A text argument is a file, a folder, or a split shortcut of eval.assets."""
     from eval import assets
 
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         if looks_local and not model_path.is_dir():
             raise FileNotFoundError(f"model folder not found: {args.model}")
         model_path = str(model_path) if looks_local else args.model
-        texts = [_resolve_text(t) for t in args.text]
+        texts = [resolve_text(t) for t in args.text]
 
         try:
             import xbit  # noqa: F401  registers the xbit quantizer so quantized checkpoints load

@@ -127,7 +127,8 @@ def quantize_model(model, tokenizer=None, method: str = "rtn", bits: float | Non
                           disable=not progress or method != "rtn"):
         if width is None:
             raise UsageError(f"layer {name} lies outside the decoder blocks; xbit cannot quantize it yet")
-        replace(name, lin, quantize_weight_rtn(lin.weight, uniform_bits(lin), torch.arange(lin.in_features), group_size))
+        order = torch.arange(lin.in_features, device=lin.weight.device)
+        replace(name, lin, quantize_weight_rtn(lin.weight, uniform_bits(lin), order, group_size))
     qconfig = {"quant_method": "xbit", "format_version": FORMAT_VERSION, "method": method, "layers": layers}
     report = summarize(model, linears, float_dtype, method=method, code_bits=width, group_size=group_size,
                        seconds=time.time() - t0, **extra)
@@ -265,12 +266,11 @@ def _peak_memory_mb(device: str) -> float:
 
 
 def _perplexities(model, tok, texts, ctx, max_tokens, progress) -> dict:
-    from eval.assets import text_files
-    from eval.perplexity import load_texts, perplexity
+    from eval.perplexity import load_texts, perplexity, resolve_text
 
     out = {}
     for spec in texts:
-        paths = text_files(spec) if spec in ("sotu-eval", "sotu-calib", "moby") else [spec]
+        _, paths = resolve_text(spec)
         out[spec] = perplexity(model, tok, load_texts(paths), ctx=ctx, max_tokens=max_tokens, progress=progress)["ppl"]
     return out
 
