@@ -10,7 +10,7 @@ a_l * err_j(b) + lam * bits_j(b), and `lam` is bisected until the exact checkpoi
 import torch
 
 from .format import MAX_BITS, layer_bytes
-from .grid import dequantize_codes, fit_grid, quantize_codes
+from .grid import round_to_grid
 
 SCALE_ZERO_BITS = 32  # float16 scale + float16 zero per row per group
 
@@ -22,12 +22,7 @@ def column_errors(weight: torch.Tensor, h_diag: torch.Tensor, group_size: int) -
     err = torch.empty(k, MAX_BITS + 1, device=w.device)
     err[:, 0] = w.pow(2).sum(0)
     for b in range(1, MAX_BITS + 1):
-        q = torch.empty_like(w)
-        for g0 in range(0, k, group_size):
-            blk = w[:, g0 : g0 + group_size]
-            scale, zero = fit_grid(blk, b)
-            q[:, g0 : g0 + group_size] = dequantize_codes(quantize_codes(blk, scale[:, None], zero[:, None], b),
-                                                          scale[:, None], zero[:, None])
+        q = torch.cat([round_to_grid(w[:, g0 : g0 + group_size], b) for g0 in range(0, k, group_size)], dim=1)
         err[:, b] = (w - q).pow(2).sum(0)
     return err * h_diag.float().clamp(min=0)[:, None]
 

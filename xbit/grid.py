@@ -33,3 +33,9 @@ def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit
 
 def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     return scale * (q.float() - zero)
+
+
+def round_to_grid(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """w [out, cols] rounded to its own min-max grid (one group per row), as float: fit, quantize, dequantize."""
+    scale, zero = fit_grid(w, bits)
+    return dequantize_codes(quantize_codes(w, scale[:, None], zero[:, None], bits), scale[:, None], zero[:, None])

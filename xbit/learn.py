@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .format import MAX_BITS
-from .grid import dequantize_codes, fit_grid, quantize_codes
+from .grid import round_to_grid
 
 
 def kl_cost(logits, ref_logits, ids):
@@ -54,12 +54,8 @@ def quantized_delta(weight: torch.Tensor, bits: torch.Tensor, group_size: int) -
         if cols.numel() == 0:
             continue
         sub = w[:, cols]
-        q = torch.empty_like(sub)
-        for g0 in range(0, cols.numel(), group_size):
-            blk = sub[:, g0 : g0 + group_size]
-            scale, zero = fit_grid(blk, b)
-            q[:, g0 : g0 + group_size] = dequantize_codes(quantize_codes(blk, scale[:, None], zero[:, None], b),
-                                                          scale[:, None], zero[:, None])
+        q = torch.cat([round_to_grid(sub[:, g0 : g0 + group_size], b) for g0 in range(0, cols.numel(), group_size)],
+                      dim=1)
         delta[:, cols] = q - sub
     return delta
 
