@@ -131,46 +131,12 @@ def xbit_matmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, seg_ptr, bias_ptr, y_ptr,
         a = tl.maximum(lo, t0) - t0
         b = tl.minimum(hi, t0 + nt) - t0
         if a < b:
-            if bits == 1:
-                if (DEPTHS >> 1) & 1:
-                    acc = _segment(acc, x_ptr, qw_ptr, s_ptr, z_ptr, a, b, offs_m, offs_n, m_mask, n_mask, M, N,
-                                   stride_xm, start, cols, word_start, group_start, 1, GROUP_SIZE, BLOCK_M, BLOCK_K,
-                                   UPCAST_DOT)
-            elif bits == 2:
-                if (DEPTHS >> 2) & 1:
-                    acc = _segment(acc, x_ptr, qw_ptr, s_ptr, z_ptr, a, b, offs_m, offs_n, m_mask, n_mask, M, N,
-                                   stride_xm, start, cols, word_start, group_start, 2, GROUP_SIZE, BLOCK_M, BLOCK_K,
-                                   UPCAST_DOT)
-            elif bits == 3:
-                if (DEPTHS >> 3) & 1:
-                    acc = _segment(acc, x_ptr, qw_ptr, s_ptr, z_ptr, a, b, offs_m, offs_n, m_mask, n_mask, M, N,
-                                   stride_xm, start, cols, word_start, group_start, 3, GROUP_SIZE, BLOCK_M, BLOCK_K,
-                                   UPCAST_DOT)
-            elif bits == 4:
-                if (DEPTHS >> 4) & 1:
-                    acc = _segment(acc, x_ptr, qw_ptr, s_ptr, z_ptr, a, b, offs_m, offs_n, m_mask, n_mask, M, N,
-                                   stride_xm, start, cols, word_start, group_start, 4, GROUP_SIZE, BLOCK_M, BLOCK_K,
-                                   UPCAST_DOT)
-            elif bits == 5:
-                if (DEPTHS >> 5) & 1:
-                    acc = _segment(acc, x_ptr, qw_ptr, s_ptr, z_ptr, a, b, offs_m, offs_n, m_mask, n_mask, M, N,
-                                   stride_xm, start, cols, word_start, group_start, 5, GROUP_SIZE, BLOCK_M, BLOCK_K,
-                                   UPCAST_DOT)
-            elif bits == 6:
-                if (DEPTHS >> 6) & 1:
-                    acc = _segment(acc, x_ptr, qw_ptr, s_ptr, z_ptr, a, b, offs_m, offs_n, m_mask, n_mask, M, N,
-                                   stride_xm, start, cols, word_start, group_start, 6, GROUP_SIZE, BLOCK_M, BLOCK_K,
-                                   UPCAST_DOT)
-            elif bits == 7:
-                if (DEPTHS >> 7) & 1:
-                    acc = _segment(acc, x_ptr, qw_ptr, s_ptr, z_ptr, a, b, offs_m, offs_n, m_mask, n_mask, M, N,
-                                   stride_xm, start, cols, word_start, group_start, 7, GROUP_SIZE, BLOCK_M, BLOCK_K,
-                                   UPCAST_DOT)
-            elif bits == 8:
-                if (DEPTHS >> 8) & 1:
-                    acc = _segment(acc, x_ptr, qw_ptr, s_ptr, z_ptr, a, b, offs_m, offs_n, m_mask, n_mask, M, N,
-                                   stride_xm, start, cols, word_start, group_start, 8, GROUP_SIZE, BLOCK_M, BLOCK_K,
-                                   UPCAST_DOT)
+            for k in tl.static_range(1, 9):  # unrolled: one constexpr-specialised body per depth present
+                if (DEPTHS >> k) & 1:
+                    if bits == k:
+                        acc = _segment(acc, x_ptr, qw_ptr, s_ptr, z_ptr, a, b, offs_m, offs_n, m_mask, n_mask, M, N,
+                                       stride_xm, start, cols, word_start, group_start, k, GROUP_SIZE, BLOCK_M,
+                                       BLOCK_K, UPCAST_DOT)
         t0 += nt
 
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
