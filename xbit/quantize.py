@@ -23,7 +23,7 @@ from .gptq import act_order, quantize_weight_gptq
 from .learn import resolve_cost
 from .method_xbit import ALLOCATIONS, quantize_xbit
 from .rtn import quantize_weight_rtn
-from .sizes import float_component_bytes, parse_size, plan_bytes, uniform_counts
+from .sizes import float_component_bytes, float_linear_bytes, parse_size, plan_bytes, uniform_counts
 
 METHODS = ("xbit", "gptq", "rtn")
 FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -50,7 +50,7 @@ def choose_uniform_bits(model, linears, group_size, float_dtype, bits=None, size
         if bits != int(bits) or not 1 <= bits <= MAX_BITS:
             raise UsageError(f"--bits for a uniform method is an integer code width 1..{MAX_BITS}, got {bits}")
         return int(bits)
-    float_total = fixed + sum(m.weight.numel() for m in linears.values()) * torch.empty((), dtype=float_dtype).element_size()
+    float_total = fixed + float_linear_bytes(linears, float_dtype)
     if size >= float_total:
         raise UsageError(f"--size {size} bytes is not below the float checkpoint ({float_total} bytes): nothing to do")
     for b in range(MAX_BITS, 0, -1):
@@ -141,7 +141,7 @@ def xbit_layer_budget(model, linears, group_size, float_dtype, bits=None, size=N
     """Bytes the quantized layers may use: bits * weights / 8, or the size left after the float components."""
     fixed = float_component_bytes(model, set(linears), float_dtype)
     params = sum(m.weight.numel() for m in linears.values())
-    float_total = fixed + params * torch.empty((), dtype=float_dtype).element_size()
+    float_total = fixed + float_linear_bytes(linears, float_dtype)
     budget = int(bits * params / 8) if bits is not None else size - fixed
     smallest = plan_bytes(linears, {n: [m.in_features] + [0] * MAX_BITS for n, m in linears.items()}, group_size)
     if budget < smallest:

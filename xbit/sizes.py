@@ -32,6 +32,11 @@ def float_component_bytes(model, quantized: set[str], float_dtype: torch.dtype) 
     return total
 
 
+def float_linear_bytes(linears: dict, float_dtype: torch.dtype) -> int:
+    """Bytes the linears' weights would take unquantized (the ceiling every target must stay under)."""
+    return sum(m.weight.numel() for m in linears.values()) * torch.empty((), dtype=float_dtype).element_size()
+
+
 def uniform_counts(in_features: int, bits: int) -> list[int]:
     counts = [0] * 9
     counts[bits] = in_features
