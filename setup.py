@@ -1,13 +1,17 @@
-"""Builds cpu_fallback's C++/OpenMP kernels as a plain shared library, loaded at run time with ctypes.
+"""Builds cpu_fallback's C++/OpenMP kernels as a plain shared library, loaded at run time with ctypes, and installs
+the one-line .pth hook that registers `lm_eval --model xbit`.
 
 Everything else about the package lives in pyproject.toml. No torch at build time. A missing compiler or a
 failed build never fails the install: xbit then runs the PyTorch reference on CPU and warns once, naming why.
 """
 
+import os
 import platform
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
+from setuptools.command.editable_wheel import editable_wheel
 from setuptools.errors import CompileError, ExecError, LinkError, PlatformError
 
 SRC = "cpu_fallback/csrc"
@@ -50,7 +54,49 @@ class BuildCpuKernels(build_ext):
         self.warn("cpu_fallback: C++ kernels not built (" + "; ".join(errors) + "); the PyTorch reference will run on CPU")
 
 
+# One line run at interpreter start: makes `lm_eval --model xbit` resolvable (eval/lm_eval_plugin.py says how).
+PTH_NAME = "xbit_lm_eval.pth"
+PTH_LINE = 'import sys; exec("try:\\n import eval.lm_eval_plugin as p; p.install()\\nexcept Exception: pass")\n'
+
+
+class BuildPyWithPth(build_py):
+    """Also puts the .pth at the top of the wheel, i.e. into site-packages (regular and editable installs)."""
+
+    def run(self):
+        super().run()
+        target = os.path.join(self.build_lib, PTH_NAME)
+        with open(target, "w") as f:
+            f.write(PTH_LINE)
+
+    def get_outputs(self, include_bytecode=True):
+        return super().get_outputs(include_bytecode) + [os.path.join(self.build_lib, PTH_NAME)]
+
+
+class EditableWheelWithPth(editable_wheel):
+    """`pip install -e .` builds a wheel of path hooks only (no build_py output): add the .pth line to it too."""
+
+    def _select_strategy(self, *args, **kwargs):
+        return _AlsoWritePth(super()._select_strategy(*args, **kwargs))
+
+
+class _AlsoWritePth:
+    def __init__(self, strategy):
+        self.strategy = strategy
+
+    def __call__(self, wheel, files, mapping):
+        self.strategy(wheel, files, mapping)
+        wheel.writestr(PTH_NAME, PTH_LINE.encode())
+
+    def __enter__(self):
+        self.strategy.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.strategy.__exit__(*exc)
+
+
 setup(
     ext_modules=[Extension("cpu_fallback._xbit_cpu", sources=[f"{SRC}/{n}" for n, _ in SOURCES], depends=HEADERS)],
-    cmdclass={"build_ext": BuildCpuKernels},
+    cmdclass={"build_ext": BuildCpuKernels, "build_py": BuildPyWithPth,
+              "editable_wheel": EditableWheelWithPth},
 )

@@ -1,14 +1,15 @@
 """lm-eval model "xbit": an xbit checkpoint folder (or an in-memory model) behind lm-eval's HFLM.
 
     python -m eval.lm_eval_run --model xbit --model_args path=DIR --tasks xbit_lastword_sotu --limit 100
-    lm_eval --model xbit ...           # once the "xbit" name is registered, see register() below
+    lm_eval --model xbit --model_args path=DIR --device cpu --tasks arc_easy   # plain lm-eval, once installed
 
 HFLM does the request handling (loglikelihood, loglikelihood_rolling, generate_until); this class only loads the
 model through `xbit.load`, so quantized linears are xbit modules and float folders load as usual.
 
 Registration: lm-eval 0.4.x has no plugin entry point for models (its registry holds only the names listed in
 lm_eval.models.MODEL_MAPPING plus whatever `@register_model` ran in the current process). `register()` adds "xbit"
-as a lazy placeholder; `eval.lm_eval_run` calls it before handing over to lm-eval's own CLI, and
+as a lazy placeholder; the installed .pth hook (eval/lm_eval_plugin.py) calls it right after any process imports
+lm_eval.models, `eval.lm_eval_run` calls it before handing over to lm-eval's own CLI, and
 `run_lm_eval(model, tokenizer, tasks)` calls it for in-memory models from Python.
 """
 

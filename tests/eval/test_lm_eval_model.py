@@ -1,5 +1,7 @@
 """The lm-eval "xbit" model scores exactly like a direct forward pass of the same model."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -120,3 +122,50 @@ def test_cli_wrapper_adds_offline_tasks_path():
     assert argv[-2:] == ["--include_path", str(tasks_dir())]
     mine = ["--model", "xbit", "--tasks", "t", "--include_path", "/my/tasks"]
     assert _with_tasks_path(mine) == mine
+
+
+def _pth_installed() -> bool:
+    import site
+    import sysconfig
+
+    dirs = {sysconfig.get_paths()["purelib"], *site.getsitepackages()}
+    return any((Path(d) / "xbit_lm_eval.pth").is_file() for d in dirs)
+
+
+@pytest.mark.skipif(not _pth_installed(), reason="xbit is not pip-installed here (no xbit_lm_eval.pth)")
+def test_plain_lm_eval_cli_knows_xbit(tmp_path):
+    """`lm_eval --model xbit` in a fresh process, with no import of ours: the installed .pth hook registers it."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    import xbit
+    from xbit import checkpoint
+
+    model, tok = tiny_llama(seed=3), tiny_tokenizer()
+    model, qconfig, report = xbit.quantize(model, tok, method="rtn", bits=4, group_size=32, progress=False)
+    checkpoint.save(model, tok, tmp_path / "q", qconfig, report)
+    rows = [{"context": c, "target": t} for c, t in CASES]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "tiny_ll.yaml").write_text(
+        "task: tiny_ll\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {tmp_path / 'data.jsonl'}\n"
+        "test_split: test\noutput_type: loglikelihood\ndoc_to_text: '{{context}}'\ndoc_to_target: '{{target}}'\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    exe = shutil.which("lm_eval", path=str(Path(sys.executable).parent)) or shutil.which("lm_eval")
+    assert exe, "lm_eval console script not found"
+    out = tmp_path / "res"
+    proc = subprocess.run([exe, "--model", "xbit", "--model_args", f"path={tmp_path / 'q'}", "--device", "cpu",
+                           "--tasks", "tiny_ll", "--include_path", str(tasks), "--output_path", str(out),
+                           "--batch_size", "2", "--log_samples"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    samples = [json.loads(line) for line in next(out.rglob("samples_tiny_ll_*.jsonl")).read_text().splitlines()]
+    loaded = xbit.load(str(tmp_path / "q"), device="cpu")
+    assert len(samples) == len(CASES)
+    for s in samples:
+        (ll, greedy), = s["filtered_resps"]
+        want, want_greedy = _direct_loglikelihood(loaded, tok, s["doc"]["context"], s["doc"]["target"])
+        assert float(ll) == pytest.approx(want, abs=1e-4) and str(greedy) == str(want_greedy)  # logged as strings
