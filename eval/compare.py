@@ -9,13 +9,16 @@ Targets (each becomes one byte count shared by every method):
   2.56     bits per weight over the whole checkpoint (bytes = bits x parameters / 8)
   60MB     a plain size (B, KB, MB, GB, KiB, MiB, GiB)
 Uniform methods (rtn, gptq) take the widest code width that fits; xbit fills the bytes.
+Methods: rtn, gptq, xbit, and the xbit ablations xbit-uniform (the same bytes, the allocation forced uniform) and
+xbit-float-emb (embedding table and head kept float16 as GPTQ keeps them: regime b).
 
 Every cell (method x target, plus the float reference) is written to OUT/cells/ as it finishes and reused on the
 next run when its evaluation settings are unchanged. Methods this xbit build lacks get a skip line in the table.
 Writes OUT/results.json, OUT/results.md (the Markdown table, also printed) and OUT/plots/*.png.
 
-Regime: embeddings and lm_head stay float16 exactly as the GPTQ baseline keeps them, so equal total bytes are
-also equal bytes on the linear layers (DESIGN regime b).
+Regime: rtn and gptq keep the embedding table and lm_head in float16, as GPTQ does. xbit treats them as candidates
+like every other weight (DESIGN regime a), within the same total bytes; xbit-float-emb shows regime b.
+One xbit measurement (calibration statistics, column errors) per variant is saved in OUT and reused by every target.
 """
 
 from __future__ import annotations
@@ -36,7 +39,12 @@ from pathlib import Path
 
 import torch
 
-REGIME = "b: embeddings/lm_head float16 as in GPTQ; equal total bytes = equal linear-layer bytes"
+REGIME = ("equal total checkpoint bytes; rtn/gptq/xbit-float-emb keep embeddings and lm_head float16 (regime b), "
+          "xbit and xbit-uniform also allocate bits to them (regime a)")
+# compare's method name -> (xbit.quantize method, extra keyword arguments)
+METHODS = {"rtn": ("rtn", {}), "gptq": ("gptq", {}), "xbit": ("xbit", {}),
+           "xbit-uniform": ("xbit", {"allocation": "uniform"}),
+           "xbit-float-emb": ("xbit", {"quantize_embeddings": False})}
 TEXT_SPLITS = ("sotu-eval", "sotu-calib", "moby")
 
 
@@ -144,6 +152,17 @@ def _calib_kwargs(method: str, args) -> dict:
     return kw
 
 
+def _measurement_kwargs(method: str, extra: dict, args) -> dict:
+    """xbit variants share one saved measurement per embedding regime and calibration (made by the first target)."""
+    if method != "xbit":
+        return {}
+    calib = hashlib.sha256(json.dumps([args.calib, args.calib_samples, args.calib_seq_len, args.group_size])
+                           .encode()).hexdigest()[:8]
+    regime = "b" if extra.get("quantize_embeddings") is False else "a"
+    path = Path(args.out) / f"measurement-{regime}-{calib}.safetensors"
+    return {"load_measurement": path} if path.is_file() else {"save_measurement": path}
+
+
 def run_cell(ref_model, tok, method: str, target: str, target_bytes: int | None, args, texts) -> dict:
     """Quantize a copy of the reference (unless method == "reference") and evaluate it."""
     import xbit
@@ -158,16 +177,16 @@ def run_cell(ref_model, tok, method: str, target: str, target_bytes: int | None,
         cell["bits_per_weight_total"] = 16.0
     else:
         model = copy.deepcopy(ref_model)
-        shapes = {n: m.out_features for n, m in _linears(model).items()}
-        model, _, report = xbit.quantize(model, tok, method=method, size=target_bytes,
+        base, extra = METHODS[method]
+        model, _, report = xbit.quantize(model, tok, method=base, size=target_bytes,
                                          group_size=args.group_size, progress=args.progress,
-                                         **_calib_kwargs(method, args))
+                                         **_calib_kwargs(base, args), **extra, **_measurement_kwargs(base, extra, args))
         if report["checkpoint_bytes"] > target_bytes:
             raise RuntimeError(f"{key}: {report['checkpoint_bytes']} bytes exceed the target {target_bytes}")
         cell.update({k: report[k] for k in ("checkpoint_bytes", "bits_per_weight_total", "bits_per_weight_layers")})
         cell["code_bits"] = report.get("code_bits")
         cell["quantize_seconds"] = round(time.time() - t0, 2)
-        cell["layers"] = {n: {"counts": v["counts"], "bytes": v["bytes"], "out_features": shapes.get(n, 1)}
+        cell["layers"] = {n: {"counts": v["counts"], "bytes": v["bytes"], "out_features": v["out"]}
                           for n, v in report["layers"].items()}
     cell["ppl"], cell["tasks"] = _evaluate(model, tok, args, texts)
     cell["seconds"] = round(time.time() - t0, 2)
@@ -257,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.splitlines()[4:]))
     p.add_argument("--model", default="smollm2", help="local folder, Hub id, or smollm2 / qwen (eval.assets)")
-    p.add_argument("--methods", nargs="+", default=["xbit", "gptq", "rtn"])
+    p.add_argument("--methods", nargs="+", default=["xbit", "gptq", "rtn"],
+                   help=f"any of {', '.join(METHODS)} (default: xbit gptq rtn)")
     p.add_argument("--targets", nargs="+", default=["gptq:2", "gptq:3", "gptq:4"])
     p.add_argument("--out", required=True, help="run folder (created; reused to resume)")
     p.add_argument("--no-reference", dest="reference", action="store_false", help="skip the float reference row")
@@ -290,7 +310,7 @@ def run(args, argv=None) -> dict:
     ref, tok, model_path = _load_reference(args.model)
     targets = {t: resolve_target(t, ref) for t in args.targets}
     settings = _settings(args)
-    available = set(getattr(xbit.quantize, "METHODS", ()))
+    available = {m for m, (base, _) in METHODS.items() if base in getattr(xbit.quantize, "METHODS", ())}
     plan = ([("reference", None)] if args.reference else []) + [(m, t) for t in args.targets for m in args.methods]
     cells = []
     for method, target in plan:

@@ -77,23 +77,32 @@ def block_inputs(model, ids: torch.Tensor, device, batch_size: int = 8):
 
 
 class HessianHook:
-    """Accumulates sum over tokens of x x^T for one linear (only its diagonal, sum x_j^2, when diag_only)."""
+    """Accumulates sum over tokens of x x^T for one linear (only its diagonal, sum x_j^2, when diag_only).
 
-    def __init__(self, module: nn.Linear, diag_only: bool = False):
+    Hooks given the same `shared` dict compute the product once for linears that read the same input tensor
+    (q/k/v, gate/up): the last input and its product are kept there and reused while the input is that tensor.
+    """
+
+    def __init__(self, module: nn.Linear, diag_only: bool = False, shared: dict | None = None):
         k, dev = module.in_features, module.weight.device
         self.diag_only = diag_only
         self.h = torch.zeros(k, dtype=torch.float32, device=dev) if diag_only else torch.zeros(k, k, device=dev)
         self.tokens = 0
+        self.shared = {} if shared is None else shared
         self.handle = module.register_forward_hook(self._hook)
 
     def _hook(self, module, inputs, output):
-        x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
-        self.h += x.pow(2).sum(0) if self.diag_only else x.t() @ x
-        self.tokens += x.shape[0]
+        x = inputs[0].detach()
+        if self.shared.get("x") is not x:
+            flat = x.reshape(-1, x.shape[-1]).float()
+            self.shared.update(x=x, sum=flat.pow(2).sum(0) if self.diag_only else flat.t() @ flat, n=flat.shape[0])
+        self.h += self.shared["sum"]
+        self.tokens += self.shared["n"]
 
     def mean(self) -> torch.Tensor:
         """E[x x^T] [in, in], or only its diagonal E[x_j^2] [in] when diag_only."""
         self.handle.remove()
+        self.shared.clear()
         return self.h / max(self.tokens, 1)
 
 
@@ -103,6 +112,7 @@ def run_blocks(model, ids: torch.Tensor, device, quantize_block, batch_size: int
     """Calls quantize_block(index, block, {linear name: E[x x^T]}) for every decoder block in order.
 
     `quantize_block` replaces the block's linears (in place); the block is then rerun to feed the next one.
+    Returns the hidden states leaving the last block (one tensor per calibration batch).
     """
     layers = decoder_layers(model)
     hidden, kwargs = block_inputs(model, ids, device, batch_size)
@@ -111,14 +121,44 @@ def run_blocks(model, ids: torch.Tensor, device, quantize_block, batch_size: int
         home = next(block.parameters()).device
         block.to(device)
         linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
-        hooks = {n: HessianHook(m, diag_only) for n, m in linears.items()}
+        shared = {}
+        hooks = {n: HessianHook(m, diag_only, shared) for n, m in linears.items()}
         for h, kw in zip(hidden, kwargs):
             block(h, **kw)
         quantize_block(i, block, {n: hook.mean() for n, hook in hooks.items()})
         hidden = [_block_output(block(h, **kw)) for h, kw in zip(hidden, kwargs)]
         block.to(home)
-    return model
+    return hidden
 
 
 def _block_output(out):
     return out[0] if isinstance(out, tuple) else out
+
+
+FINAL_NORMS = ("norm", "final_layer_norm", "ln_f", "final_layernorm")
+
+
+def final_norm(model) -> nn.Module:
+    """The normalisation between the last decoder block and the output head."""
+    parent = decoder_layers_path(model).rpartition(".")[0]
+    base = model.get_submodule(parent) if parent else model
+    for name in FINAL_NORMS:
+        if isinstance(getattr(base, name, None), nn.Module):
+            return getattr(base, name)
+    raise ValueError("cannot find the final norm before the output head (looked for model.norm and friends); "
+                     "keep the embeddings in float with --float-embeddings")
+
+
+@torch.no_grad()
+def head_hessian(model, hidden: list[torch.Tensor], device) -> torch.Tensor:
+    """E[x x^T] of the output head's input: the final norm of the hidden states that run_blocks returned."""
+    norm = final_norm(model)
+    home = next(norm.parameters(), torch.empty(0)).device
+    norm.to(device)
+    h, tokens = 0.0, 0
+    for x in hidden:
+        y = norm(x.to(device)).reshape(-1, x.shape[-1]).float()
+        h = h + y.t() @ y
+        tokens += y.shape[0]
+    norm.to(home)
+    return h / max(tokens, 1)

@@ -7,7 +7,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from . import checkpoint
 from .format import FORMAT_VERSION
-from .modules import XbitLinear
+from .modules import XbitEmbedding, XbitLinear, XbitTiedHead
 
 
 def set_submodule(model, name: str, module):
@@ -16,8 +16,22 @@ def set_submodule(model, name: str, module):
 
 
 def layer_spec(m: XbitLinear) -> dict:
-    return {"in": m.in_features, "out": m.out_features, "counts": m.counts, "group_size": m.group_size,
+    spec = {"in": m.in_features, "out": m.out_features, "counts": m.counts, "group_size": m.group_size,
             "bias": m.bias is not None}
+    return {**spec, "kind": "embedding"} if isinstance(m, XbitEmbedding) else spec
+
+
+def _build(name: str, old, spec: dict):
+    """The empty xbit module that replaces `old` before the packed tensors load."""
+    if spec.get("kind") == "embedding":
+        if not isinstance(old, torch.nn.Embedding) or tuple(old.weight.shape) != (spec["out"], spec["in"]):
+            raise checkpoint.CheckpointError(f"embedding {name} in quantization_config does not match the model")
+        return XbitEmbedding(spec["out"], spec["in"], spec["counts"], spec["group_size"], dtype=old.weight.dtype,
+                             device=old.weight.device)
+    if not isinstance(old, torch.nn.Linear) or (old.in_features, old.out_features) != (spec["in"], spec["out"]):
+        raise checkpoint.CheckpointError(f"layer {name} in quantization_config does not match the model")
+    return XbitLinear(spec["in"], spec["out"], spec["counts"], spec["group_size"], bias=spec.get("bias", False),
+                      dtype=old.weight.dtype, device=old.weight.device)
 
 
 @register_quantization_config("xbit")
@@ -45,12 +59,12 @@ class XbitHfQuantizer(HfQuantizer):
         cfg = self.quantization_config
         checkpoint.check_version(cfg.to_dict())
         for name, spec in cfg.layers.items():
-            old = model.get_submodule(name)
-            if not isinstance(old, torch.nn.Linear) or (old.in_features, old.out_features) != (spec["in"], spec["out"]):
-                raise checkpoint.CheckpointError(f"layer {name} in quantization_config does not match the model")
-            new = XbitLinear(spec["in"], spec["out"], spec["counts"], spec["group_size"], bias=spec.get("bias", False),
-                             dtype=old.weight.dtype, device=old.weight.device)
-            set_submodule(model, name, new)
+            set_submodule(model, name, _build(name, model.get_submodule(name), spec))
+        for head, table in (getattr(cfg, "tied", None) or {}).items():  # one stored table serves both
+            emb = model.get_submodule(table)
+            if not isinstance(emb, XbitEmbedding):
+                raise checkpoint.CheckpointError(f"{head} is tied to {table}, which is not a quantized embedding")
+            set_submodule(model, head, XbitTiedHead(emb))
         expected = {k: (tuple(v.shape), None) for k, v in model.state_dict().items()}
         expected.update(checkpoint.expected_xbit_tensors(cfg.layers))
         tied = set()

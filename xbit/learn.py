@@ -13,6 +13,7 @@ import importlib
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
 from .format import MAX_BITS
@@ -61,17 +62,23 @@ def quantized_delta(weight: torch.Tensor, bits: torch.Tensor, group_size: int) -
 
 
 class ErrorGates:
-    """Forward hooks adding t_l * (Q_l - W_l) x to each layer's output, with t a differentiable vector."""
+    """Forward hooks adding t_l * (Q_l - W_l) x to each layer's output, with t a differentiable vector.
 
-    def __init__(self, linears: dict, deltas: dict):
+    An embedding adds t_l * (Q_l - W_l)[ids]; a head tied to an embedding (`tied_heads`: embedding name -> head
+    module) shares that embedding's gate, since one table serves both."""
+
+    def __init__(self, linears: dict, deltas: dict, tied_heads: dict | None = None):
         self.t = torch.ones(len(linears), requires_grad=True)
         self.handles = []
-        for i, (name, lin) in enumerate(linears.items()):
-            self.handles.append(lin.register_forward_hook(self._hook(i, deltas[name])))
+        for i, (name, module) in enumerate(linears.items()):
+            for user in [module] + ([tied_heads[name]] if tied_heads and name in tied_heads else []):
+                self.handles.append(user.register_forward_hook(self._hook(i, deltas[name])))
 
     def _hook(self, i, delta):
         def hook(module, inputs, output):
-            return output + self.t[i].to(output.dtype) * F.linear(inputs[0], delta.to(output.dtype))
+            d = delta.to(output.dtype)
+            err = F.embedding(inputs[0], d) if isinstance(module, nn.Embedding) else F.linear(inputs[0], d)
+            return output + self.t[i].to(output.dtype) * err
         return hook
 
     def remove(self):
@@ -85,9 +92,9 @@ def reference_logits(model, ids: torch.Tensor, batch_size: int) -> list[torch.Te
                 for i in range(0, ids.shape[0], batch_size)]
 
 
-def cost_and_gradient(model, linears, deltas, ids, ref_logits, cost_fn, batch_size: int):
+def cost_and_gradient(model, linears, deltas, ids, ref_logits, cost_fn, batch_size: int, tied_heads=None):
     """Task cost of the model with errors `deltas`, and dC/dt_l at t = 1 for every layer."""
-    gates = ErrorGates(linears, deltas)
+    gates = ErrorGates(linears, deltas, tied_heads)
     total = 0.0
     grad_mode = torch.is_grad_enabled()
     torch.set_grad_enabled(True)  # callers run under no_grad; the gates need the graph
@@ -105,7 +112,7 @@ def cost_and_gradient(model, linears, deltas, ids, ref_logits, cost_fn, batch_si
 
 
 def learn_allocation(model, problem, solve, budget, linears, held_out_ids, cost_fn, rounds: int = 3,
-                     batch_size: int = 4, progress: bool = True, initial_weights=None):
+                     batch_size: int = 4, progress: bool = True, initial_weights=None, tied_heads=None):
     """Rounds of (allocate, measure cost and gradients, update sensitivities). Returns (bits, history)."""
     for p in model.parameters():
         p.requires_grad_(False)
@@ -116,7 +123,7 @@ def learn_allocation(model, problem, solve, budget, linears, held_out_ids, cost_
         bits = solve(problem, budget, weights)
         deltas = {n: quantized_delta(linears[n].weight, bits[n].to(linears[n].weight.device), problem.group_size)
                   for n in problem.names}
-        cost, grad = cost_and_gradient(model, linears, deltas, held_out_ids, ref, cost_fn, batch_size)
+        cost, grad = cost_and_gradient(model, linears, deltas, held_out_ids, ref, cost_fn, batch_size, tied_heads)
         history.append({"round": r, "cost": cost, "bytes": problem.exact_bytes(torch.cat(list(bits.values())))})
         if best is None or cost < best[0]:
             best = (cost, bits, weights.clone())

@@ -10,9 +10,10 @@
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from .allocate import Problem, column_errors, solve, uniform_fraction
-from .calibrate import calibration_ids, decoder_layers_path, run_blocks
+from .calibrate import calibration_ids, decoder_layers_path, head_hessian, run_blocks
 from .gptq import quantize_weight_gptq
 from .learn import learn_allocation
 from .rtn import quantize_weight_rtn
@@ -29,9 +30,16 @@ def split_held_out(texts: list[str], fraction: float = 0.1) -> tuple[list[str], 
     return [texts[0][:cut]], [texts[0][cut:]]
 
 
-def measure(model, linears: dict, ids: torch.Tensor, device, group_size: int, progress: bool) -> dict:
-    """{name: {"h_diag": E[x_j^2], "err": column errors [in, 9]}} from the float model."""
+def measure(model, linears: dict, ids: torch.Tensor, device, group_size: int, progress: bool,
+            tied: dict | None = None) -> dict:
+    """{name: {"h_diag": E[x_j^2], "err": column errors [in, 9]}} from the float model.
+
+    Layers outside the decoder blocks (regime a): the output head, and an input embedding tied to it, are measured
+    on the head's input (the final norm of the last block's output; "h" keeps the full E[x x^T] for compensation).
+    An untied input embedding weighs every column equally (its input is one-hot).
+    """
     prefix = decoder_layers_path(model)
+    heads_of = set((tied or {}).values())
     out = {}
 
     def record(index, block, hessians):
@@ -41,10 +49,16 @@ def measure(model, linears: dict, ids: torch.Tensor, device, group_size: int, pr
                 diag = h  # diag_only: E[x_j^2]
                 out[name] = {"h_diag": diag.cpu(), "err": column_errors(linears[name].weight, diag, group_size).cpu()}
 
-    run_blocks(model, ids, device, record, progress=progress, diag_only=True)
-    missing = set(linears) - set(out)
-    if missing:
-        raise ValueError(f"layers outside the decoder blocks cannot be measured yet: {sorted(missing)[:3]}")
+    hidden = run_blocks(model, ids, device, record, progress=progress, diag_only=True)
+    outside = [n for n in linears if n not in out]
+    h_head = head_hessian(model, hidden, device) if outside else None
+    for name in outside:
+        w = linears[name].weight
+        if isinstance(linears[name], nn.Embedding) and name not in heads_of:
+            out[name] = {"h_diag": torch.ones(w.shape[1]), "err": column_errors(w, torch.ones(w.shape[1], device=w.device), group_size).cpu()}
+        else:
+            diag = h_head.diagonal().clone()
+            out[name] = {"h_diag": diag.cpu(), "h": h_head.cpu(), "err": column_errors(w, diag, group_size).cpu()}
     return out
 
 
@@ -63,9 +77,9 @@ def load_measurement(path, linears: dict, group_size: int) -> dict:
     tensors = load_file(str(path))
     out = {}
     for n, lin in linears.items():
-        if f"{n}.err" not in tensors or tensors[f"{n}.err"].shape[0] != lin.in_features:
+        if f"{n}.err" not in tensors or tensors[f"{n}.err"].shape[0] != lin.weight.shape[1]:
             raise ValueError(f"measurement {path} does not match this model (layer {n})")
-        out[n] = {"h_diag": tensors[f"{n}.h_diag"], "err": tensors[f"{n}.err"]}
+        out[n] = {k: tensors[f"{n}.{k}"] for k in ("h_diag", "err", "h") if f"{n}.{k}" in tensors}
     return out
 
 
@@ -90,9 +104,9 @@ def tempered_errors(measurement: dict, importance: float) -> dict:
 
 
 def allocate(model, linears, measurement, budget, group_size, allocation, held_out_ids, cost_fn, rounds,
-             progress, importance: float = 0.5, min_bits: int = 2) -> tuple[dict, dict]:
+             progress, importance: float = 0.5, min_bits: int = 2, tied_heads: dict | None = None):
     err = tempered_errors(measurement, importance)
-    problem = Problem({n: (err[n], linears[n].out_features) for n in linears}, group_size,
+    problem = Problem({n: (err[n], linears[n].weight.shape[0]) for n in linears}, group_size,
                       allowed=range(min_bits, 9))
     if allocation == "uniform":
         return uniform_fraction(problem, budget, {n: measurement[n]["h_diag"] for n in linears}), {}
@@ -102,16 +116,18 @@ def allocate(model, linears, measurement, budget, group_size, allocation, held_o
     if allocation == "proxy":
         return solve(problem, budget, weights), {}
     return learn_allocation(model, problem, solve, budget, linears, held_out_ids, cost_fn, rounds=rounds,
-                            progress=progress, initial_weights=weights)
+                            progress=progress, initial_weights=weights, tied_heads=tied_heads)
 
 
 def quantize_xbit(model, tokenizer, linears: dict, replace, budget: int, texts: list[str], group_size: int, device,
                   calib_samples: int, seq_len: int, seed: int, damp: float, cost_fn, allocation: str = "learned",
                   rounds: int = 3, compensate: bool = True, held_out_samples: int = 16,
-                  importance: float = 0.5, min_bits: int = 2,
+                  importance: float = 0.5, min_bits: int = 2, tied: dict | None = None,
                   save_measurement_to=None, load_measurement_from=None, progress: bool = True):
-    """Quantizes every layer in `linears`, handing its stored tensors to replace(name, linear, tensors) inside its
-    block (so later blocks calibrate on quantized inputs). Returns the report extras."""
+    """Quantizes every layer in `linears`, handing its stored tensors to replace(name, module, tensors): layers of
+    the decoder blocks inside their block (so later blocks calibrate on quantized inputs), the embeddings and head
+    before the blocks. `tied` maps an output head's name to the embedding whose table it shares (one candidate).
+    Returns the report extras."""
     if allocation not in ALLOCATIONS:
         raise ValueError(f"unknown allocation {allocation!r}; available: {', '.join(ALLOCATIONS)}")
     calib_texts, held_texts = split_held_out(texts)
@@ -120,24 +136,30 @@ def quantize_xbit(model, tokenizer, linears: dict, replace, budget: int, texts: 
     if load_measurement_from:
         measurement = load_measurement(load_measurement_from, linears, group_size)
     else:
-        measurement = measure(model, linears, ids, device, group_size, progress)
+        measurement = measure(model, linears, ids, device, group_size, progress, tied)
     if save_measurement_to:
         save_measurement(save_measurement_to, measurement, group_size)
+    tied_heads = {emb: model.get_submodule(head) for head, emb in (tied or {}).items()}
     bits, learned = allocate(model, linears, measurement, budget, group_size, allocation, held_ids, cost_fn,
-                             rounds, progress, importance=importance, min_bits=min_bits)
+                             rounds, progress, importance=importance, min_bits=min_bits, tied_heads=tied_heads)
     prefix = decoder_layers_path(model)
+
+    def quantize_one(name, h):
+        w, b = linears[name].weight, bits[name].to(linears[name].weight.device)
+        perm = storage_order(b, measurement[name]["h_diag"])
+        if compensate and h is not None:
+            replace(name, linears[name], quantize_weight_gptq(w, h.to(w.device), b, perm, group_size, damp))
+        else:
+            replace(name, linears[name], quantize_weight_rtn(w, b, perm, group_size))
+
+    for name in [n for n in linears if not n.startswith(prefix + ".")]:  # embeddings and head, from float stats
+        quantize_one(name, measurement[name].get("h"))
 
     def quantize_block(index, block, hessians):
         for local, h in hessians.items():
             name = f"{prefix}.{index}.{local}"
-            if name not in linears:
-                continue
-            w, b = linears[name].weight, bits[name].to(linears[name].weight.device)
-            perm = storage_order(b, measurement[name]["h_diag"])
-            if compensate:
-                replace(name, linears[name], quantize_weight_gptq(w, h, b, perm, group_size, damp))
-            else:
-                replace(name, linears[name], quantize_weight_rtn(w, b, perm, group_size))
+            if name in linears:
+                quantize_one(name, h)
 
     run_blocks(model, ids, device, quantize_block, progress=progress, diag_only=not compensate)
     return {"allocation": allocation, "compensate": compensate, **learned}

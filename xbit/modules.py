@@ -1,10 +1,11 @@
-"""XbitLinear: a quantized nn.Linear stored in the x-bit format; its forward goes through `xbit.dispatch`."""
+"""XbitLinear: a quantized nn.Linear stored in the x-bit format; its forward goes through `xbit.dispatch`.
+XbitEmbedding and XbitTiedHead: the same format for embedding tables (and a head tied to one)."""
 
 import torch
 from torch import nn
 
 from . import dispatch
-from .format import layer_shapes
+from .format import dequantize, layer_shapes
 
 
 class XbitLinear(nn.Module):
@@ -54,3 +55,47 @@ class XbitLinear(nn.Module):
     def extra_repr(self) -> str:
         avg = sum(b * c for b, c in enumerate(self.counts)) / self.in_features
         return f"in_features={self.in_features}, out_features={self.out_features}, avg_code_bits={avg:.3f}, group_size={self.group_size}"
+
+
+class XbitEmbedding(XbitLinear):
+    """A quantized nn.Embedding: the [num_embeddings, dim] table stored as an XbitLinear with out = vocabulary
+    and in = dim (so one tied table also serves as the output head). A lookup dequantizes only the rows it needs."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, counts: list[int], group_size: int,
+                 dtype=torch.float16, device=None):
+        super().__init__(embedding_dim, num_embeddings, counts, group_size, bias=False, device=device)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        # follows model.to(dtype) / .half(), so lookups come out in the model's float dtype
+        self.register_buffer("dtype_probe", torch.empty(0, dtype=dtype, device=device), persistent=False)
+
+    @classmethod
+    def from_tensors(cls, tensors: dict, group_size: int, dtype=torch.float16) -> "XbitEmbedding":
+        bits = tensors["bits"]
+        counts = torch.bincount(bits.long(), minlength=9).tolist()
+        m = cls(tensors["scales"].shape[1], bits.numel(), counts, group_size, dtype=dtype, device=bits.device)
+        for name, t in tensors.items():
+            getattr(m, name).copy_(t)
+        return m
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        rows = dequantize(self.qweight[:, flat], self.scales[:, flat], self.zeros[:, flat], self.perm, self.bits,
+                          self.group_size, dtype=self.dtype_probe.dtype)
+        return rows.reshape(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        avg = sum(b * c for b, c in enumerate(self.counts)) / self.in_features
+        return f"{self.num_embeddings}, {self.embedding_dim}, avg_code_bits={avg:.3f}, group_size={self.group_size}"
+
+
+class XbitTiedHead(nn.Module):
+    """The output head of a model whose head and input embeddings share one table: a matmul with the
+    XbitEmbedding's table. Holds no tensors of its own (the table is stored once, under the embedding)."""
+
+    def __init__(self, embedding: XbitEmbedding):
+        super().__init__()
+        self.__dict__["embedding"] = embedding  # not a submodule: its tensors belong to the embedding
+        self.in_features, self.out_features = embedding.in_features, embedding.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dispatch.matmul(x, self.embedding)

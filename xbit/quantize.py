@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from . import checkpoint
 from .format import FORMAT_VERSION, MAX_BITS
 from .hf import layer_spec, set_submodule
-from .modules import XbitLinear
+from .modules import XbitEmbedding, XbitLinear, XbitTiedHead
 from .calibrate import calibration_ids, decoder_layers_path, run_blocks
 from .gptq import act_order, quantize_weight_gptq
 from .learn import resolve_cost
@@ -37,6 +37,26 @@ def quantizable_linears(model) -> dict[str, nn.Linear]:
     """Every nn.Linear of the model except the output head (kept in float like GPTQ does by default)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head}
+
+
+def embedding_candidates(model) -> tuple[dict, dict]:
+    """The input embedding table and the output head, as xbit candidates (DESIGN regime a).
+
+    Returns ({name: module}, tied) where tied maps the head's name to the embedding's name when they share one
+    table: the table is then one candidate, stored once, serving both lookups and the head.
+    """
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    out, tied = {}, {}
+    if isinstance(emb, nn.Embedding):
+        out[names[id(emb)]] = emb
+    if isinstance(head, nn.Linear):
+        if isinstance(emb, nn.Embedding) and head.weight is emb.weight:
+            tied[names[id(head)]] = names[id(emb)]
+        else:
+            out[names[id(head)]] = head
+    return out, tied
 
 
 def _uniform_plan(linears, bits: int) -> dict:
@@ -66,13 +86,14 @@ def quantize_model(model, tokenizer=None, method: str = "rtn", bits: float | Non
                    seq_len: int = 512, damp: float = 0.01, device=None, float_dtype=torch.float16,
                    progress: bool = True, seed: int = 0, cost="kl", allocation: str = "learned", rounds: int = 3,
                    compensate: bool = True, save_measurement=None, load_measurement=None, importance: float = 0.5,
-                   min_bits: int = 2):
+                   min_bits: int = 2, quantize_embeddings: bool = True):
     """Replace the model's linears by XbitLinear in place; returns (model, quantization_config, report).
 
     rtn needs nothing else; gptq and xbit need `tokenizer` and `calib` (a list of texts). For xbit, `bits` is the
     average stored bits per weight of the quantized layers (all overhead counted) and `size` the total checkpoint
     bytes; for rtn and gptq `bits` is the integer code width. `cost` is "kl", "ce" or a callable
-    (logits, ref_logits, ids) -> scalar that is 0 when the outputs are identical.
+    (logits, ref_logits, ids) -> scalar that is 0 when the outputs are identical. With `quantize_embeddings`
+    (xbit only) the embedding table and output head are candidates too (tied ones as one table).
     """
     if method not in METHODS:
         raise UsageError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
@@ -85,6 +106,10 @@ def quantize_model(model, tokenizer=None, method: str = "rtn", bits: float | Non
         raise UsageError("the model has no nn.Linear layers to quantize")
     device = device or next(model.parameters()).device
     t0 = time.time()
+    tied = {}
+    if method == "xbit" and quantize_embeddings:
+        extra_layers, tied = embedding_candidates(model)
+        linears = {**linears, **extra_layers}
     if method == "xbit":
         budget = xbit_layer_budget(model, linears, group_size, float_dtype, bits=bits, size=size)
         width = None
@@ -94,9 +119,15 @@ def quantize_model(model, tokenizer=None, method: str = "rtn", bits: float | Non
         raise UsageError(f"{method} needs a tokenizer and calibration texts")
     layers, extra = {}, {}
 
-    def replace(name, lin, tensors):
-        bias = lin.bias.detach().to(float_dtype) if lin.bias is not None else None
-        new = XbitLinear.from_tensors(tensors, bias, group_size)
+    def replace(name, old, tensors):
+        if isinstance(old, nn.Embedding):
+            new = XbitEmbedding.from_tensors(tensors, group_size, dtype=old.weight.dtype)
+            for head, table in tied.items():
+                if table == name:
+                    set_submodule(model, head, XbitTiedHead(new))
+        else:
+            bias = old.bias.detach().to(float_dtype) if old.bias is not None else None
+            new = XbitLinear.from_tensors(tensors, bias, group_size)
         set_submodule(model, name, new)
         layers[name] = layer_spec(new)
 
@@ -107,7 +138,7 @@ def quantize_model(model, tokenizer=None, method: str = "rtn", bits: float | Non
         cost_fn = resolve_cost(cost) if isinstance(cost, str) else cost
         extra = quantize_xbit(model, tokenizer, linears, replace, budget, calib, group_size, device, calib_samples,
                               seq_len, seed, damp, cost_fn, allocation=allocation, rounds=rounds, compensate=compensate,
-                              importance=importance, min_bits=min_bits,
+                              importance=importance, min_bits=min_bits, tied=tied,
                               save_measurement_to=save_measurement, load_measurement_from=load_measurement,
                               progress=progress)
     if method == "gptq":
@@ -130,6 +161,9 @@ def quantize_model(model, tokenizer=None, method: str = "rtn", bits: float | Non
         order = torch.arange(lin.in_features, device=lin.weight.device)
         replace(name, lin, quantize_weight_rtn(lin.weight, uniform_bits(lin), order, group_size))
     qconfig = {"quant_method": "xbit", "format_version": FORMAT_VERSION, "method": method, "layers": layers}
+    if tied:
+        qconfig["tied"] = tied  # transformers must not tie (there is no .weight): xbit.hf ties the table on load
+        model.config.tie_word_embeddings = False
     report = summarize(model, linears, float_dtype, method=method, code_bits=width, group_size=group_size,
                        seconds=time.time() - t0, **extra)
     if size is not None and report["checkpoint_bytes"] > size:
@@ -143,7 +177,7 @@ def xbit_layer_budget(model, linears, group_size, float_dtype, bits=None, size=N
     params = sum(m.weight.numel() for m in linears.values())
     float_total = fixed + float_linear_bytes(linears, float_dtype)
     budget = int(bits * params / 8) if bits is not None else size - fixed
-    smallest = plan_bytes(linears, {n: [m.in_features] + [0] * MAX_BITS for n, m in linears.items()}, group_size)
+    smallest = plan_bytes(linears, {n: [m.weight.shape[1]] + [0] * MAX_BITS for n, m in linears.items()}, group_size)
     if budget < smallest:
         raise UsageError(f"target is below the smallest checkpoint the format can hold "
                          f"({fixed + smallest} bytes, every column at 0 bits)")
@@ -174,7 +208,8 @@ def summarize(model, original_linears: dict, float_dtype, **extra) -> dict:
     params = sum(p.numel() for p in {id(p): p for p in original_params(model, quantized)}.values())
     return {**extra, "checkpoint_bytes": total, "quantized_layer_bytes": q_bytes, "quantized_params": q_params,
             "bits_per_weight_layers": 8 * q_bytes / q_params, "bits_per_weight_total": 8 * total / params,
-            "layers": {n: {"counts": m.counts, "bytes": m.stored_bytes()} for n, m in quantized.items()}}
+            "layers": {n: {"counts": m.counts, "bytes": m.stored_bytes(), "in": m.in_features, "out": m.out_features}
+                       for n, m in quantized.items()}}
 
 
 def original_params(model, quantized: dict):
@@ -213,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--importance", type=float, default=0.5,
                    help="xbit: exponent on E[x_j^2] in the column error (default 0.5; 1 = plain output MSE)")
     p.add_argument("--no-compensate", action="store_true", help="xbit: plain rounding instead of GPTQ-style compensation")
+    p.add_argument("--float-embeddings", action="store_true",
+                   help="xbit: keep the embedding table and output head in float, as GPTQ does (default: they are "
+                        "candidates for bits like every other weight)")
     p.add_argument("--save-measurement", help="xbit: save calibration statistics and column errors (safetensors)")
     p.add_argument("--load-measurement", help="xbit: reuse a saved measurement (same model and group size)")
     p.add_argument("--out", help="output checkpoint folder (omit to only report)")
@@ -331,7 +369,7 @@ def run(args) -> int:
                                             allocation=args.allocation, rounds=args.rounds,
                                             compensate=not args.no_compensate, save_measurement=args.save_measurement,
                                             load_measurement=args.load_measurement, importance=args.importance,
-                                            min_bits=args.min_bits)
+                                            min_bits=args.min_bits, quantize_embeddings=not args.float_embeddings)
     report.update(model=model_id, target_bytes=size, target_bits=args.bits, match=args.match)
     if args.out:
         checkpoint.save(model, tok, args.out, qconfig, report, float_dtype=float_dtype, overwrite=args.overwrite)

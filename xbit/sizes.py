@@ -33,7 +33,7 @@ def float_component_bytes(model, quantized: set[str], float_dtype: torch.dtype) 
 
 
 def float_linear_bytes(linears: dict, float_dtype: torch.dtype) -> int:
-    """Bytes the linears' weights would take unquantized (the ceiling every target must stay under)."""
+    """Bytes the layers' weights would take unquantized (the ceiling every target must stay under)."""
     return sum(m.weight.numel() for m in linears.values()) * torch.empty((), dtype=float_dtype).element_size()
 
 
@@ -44,5 +44,6 @@ def uniform_counts(in_features: int, bits: int) -> list[int]:
 
 
 def plan_bytes(linears: dict, counts: dict, group_size: int) -> int:
-    """Bytes of the quantized linears (bias excluded: it is counted with the float components)."""
-    return sum(layer_bytes(m.out_features, m.in_features, counts[n], group_size) for n, m in linears.items())
+    """Bytes of the quantized layers (bias excluded: it is counted with the float components). A layer is anything
+    with a [out, in] weight: nn.Linear, or an nn.Embedding table [vocabulary, dim]."""
+    return sum(layer_bytes(*m.weight.shape, counts[n], group_size) for n, m in linears.items())

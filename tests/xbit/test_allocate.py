@@ -79,7 +79,7 @@ def test_learned_allocation_lowers_the_end_to_end_cost_and_fits_size():
                                    calib_samples=8, seq_len=64, allocation="learned", rounds=3, progress=False)
     assert rep["checkpoint_bytes"] <= size
     assert rep["best_cost"] < rep["rounds"][0]["cost"]
-    assert len(rep["sensitivities"]) == 14
+    assert len(rep["sensitivities"]) == 15  # 14 linears and the tied embedding table
 
 
 def test_xbit_checkpoint_round_trip_and_measurement_reuse(tmp_path):
