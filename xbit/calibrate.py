@@ -5,9 +5,42 @@ Only one decoder block sits on the compute device at a time; the rest of the mod
 next block's inputs, as in GPTQ.
 """
 
+import os
+
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
+
+
+def init_distributed() -> tuple[int, int]:
+    """(rank, world size). Under `torchrun` or `accelerate launch` (WORLD_SIZE > 1) joins the process group first:
+    NCCL when CUDA is there, gloo on CPU. Calibration batches are then split across the processes and the
+    statistics summed, so every process quantizes with the statistics of all of them."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return world()
+
+
+def world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _sum_over_processes(*tensors: torch.Tensor):
+    if world()[1] > 1:
+        for t in tensors:
+            dist.all_reduce(t)
+
+
+def _shard(ids: torch.Tensor) -> torch.Tensor:
+    rank, size = world()
+    if size > 1 and ids.shape[0] < size:
+        raise ValueError(f"{ids.shape[0]} calibration samples cannot be split over {size} processes")
+    return ids[rank::size]
 
 
 def calibration_ids(tokenizer, texts: list[str], n_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
@@ -100,10 +133,12 @@ class HessianHook:
         self.tokens += self.shared["n"]
 
     def mean(self) -> torch.Tensor:
-        """E[x x^T] [in, in], or only its diagonal E[x_j^2] [in] when diag_only."""
+        """E[x x^T] [in, in], or only its diagonal E[x_j^2] [in] when diag_only (over all processes)."""
         self.handle.remove()
         self.shared.clear()
-        return self.h / max(self.tokens, 1)
+        tokens = torch.tensor([float(self.tokens)], dtype=torch.float64, device=self.h.device)
+        _sum_over_processes(self.h, tokens)
+        return self.h / tokens.clamp(min=1).item()
 
 
 @torch.no_grad()
@@ -112,11 +147,11 @@ def run_blocks(model, ids: torch.Tensor, device, quantize_block, batch_size: int
     """Calls quantize_block(index, block, {linear name: E[x x^T]}) for every decoder block in order.
 
     `quantize_block` replaces the block's linears (in place); the block is then rerun to feed the next one.
-    Returns the hidden states leaving the last block (one tensor per calibration batch).
+    Returns the hidden states leaving the last block (one tensor per calibration batch of this process).
     """
     layers = decoder_layers(model)
-    hidden, kwargs = block_inputs(model, ids, device, batch_size)
-    for i in tqdm(range(len(layers)), desc="blocks", disable=not progress):
+    hidden, kwargs = block_inputs(model, _shard(ids), device, batch_size)  # this process's share of the batches
+    for i in tqdm(range(len(layers)), desc="blocks", disable=not progress or world()[0] != 0):
         block = layers[i]
         home = next(block.parameters()).device
         block.to(device)
@@ -161,4 +196,6 @@ def head_hessian(model, hidden: list[torch.Tensor], device) -> torch.Tensor:
         h = h + y.t() @ y
         tokens += y.shape[0]
     norm.to(home)
-    return h / max(tokens, 1)
+    total = torch.tensor([float(tokens)], dtype=torch.float64, device=h.device)
+    _sum_over_processes(h, total)
+    return h / total.clamp(min=1).item()

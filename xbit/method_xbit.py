@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .allocate import Problem, column_errors, solve, uniform_fraction
-from .calibrate import calibration_ids, decoder_layers_path, head_hessian, run_blocks
+from .calibrate import calibration_ids, decoder_layers_path, head_hessian, run_blocks, world
 from .gptq import quantize_weight_gptq
 from .learn import learn_allocation
 from .rtn import quantize_weight_rtn
@@ -137,7 +137,7 @@ def quantize_xbit(model, tokenizer, linears: dict, replace, budget: int, texts: 
         measurement = load_measurement(load_measurement_from, linears, group_size)
     else:
         measurement = measure(model, linears, ids, device, group_size, progress, tied)
-    if save_measurement_to:
+    if save_measurement_to and world()[0] == 0:
         save_measurement(save_measurement_to, measurement, group_size)
     tied_heads = {emb: model.get_submodule(head) for head, emb in (tied or {}).items()}
     bits, learned = allocate(model, linears, measurement, budget, group_size, allocation, held_ids, cost_fn,

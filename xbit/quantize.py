@@ -18,7 +18,7 @@ from . import checkpoint
 from .format import FORMAT_VERSION, MAX_BITS
 from .hf import layer_spec, set_submodule
 from .modules import XbitEmbedding, XbitLinear, XbitTiedHead
-from .calibrate import calibration_ids, decoder_layers_path, run_blocks
+from .calibrate import calibration_ids, decoder_layers_path, init_distributed, run_blocks
 from .gptq import act_order, quantize_weight_gptq
 from .learn import resolve_cost
 from .method_xbit import ALLOCATIONS, quantize_xbit
@@ -345,7 +345,11 @@ def run(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device cuda asked but no CUDA device is available")
-    progress = not args.no_progress
+    rank, processes = init_distributed()  # torchrun / accelerate launch: calibration split over processes
+    if processes > 1 and device == "cuda":
+        device = f"cuda:{torch.cuda.current_device()}"
+    lead = rank == 0  # only the first process evaluates, writes and prints
+    progress = not args.no_progress and lead
     if not progress:
         from transformers.utils import logging as hf_logging
 
@@ -361,7 +365,8 @@ def run(args) -> int:
         from .calib import load_calib_texts
 
         calib = load_calib_texts(args.cost_data)  # ce on task text: that text also drives the measurement
-    ref_ppl = _perplexities(model, tok, args.eval_text, args.ctx, args.eval_max_tokens, progress) if args.eval_text else {}
+    evaluate = bool(args.eval_text) and lead
+    ref_ppl = _perplexities(model, tok, args.eval_text, args.ctx, args.eval_max_tokens, progress) if evaluate else {}
     model, qconfig, report = quantize_model(model, tok, method=args.method, bits=args.bits, size=size,
                                             group_size=args.group_size, calib=calib, calib_samples=args.calib_samples,
                                             seq_len=args.seq_len, damp=args.damp, device=device,
@@ -371,9 +376,11 @@ def run(args) -> int:
                                             load_measurement=args.load_measurement, importance=args.importance,
                                             min_bits=args.min_bits, quantize_embeddings=not args.float_embeddings)
     report.update(model=model_id, target_bytes=size, target_bits=args.bits, match=args.match)
+    if not lead:
+        return 0
     if args.out:
         checkpoint.save(model, tok, args.out, qconfig, report, float_dtype=float_dtype, overwrite=args.overwrite)
-    q_ppl = _perplexities(model, tok, args.eval_text, args.ctx, args.eval_max_tokens, progress) if args.eval_text else {}
+    q_ppl = _perplexities(model, tok, args.eval_text, args.ctx, args.eval_max_tokens, progress) if evaluate else {}
     what = f"{report['code_bits']}-bit" if report["code_bits"] else f"{args.allocation} allocation"
     rows = [("model", model_id), ("method", f"{args.method} {what}, group {args.group_size}"),
             ("checkpoint bytes", f"{report['checkpoint_bytes']:,}" + (f" (target {size:,})" if size else "")),
