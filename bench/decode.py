@@ -12,7 +12,6 @@ ratio to the float32 transformers baseline.
 """
 
 import argparse
-import copy
 import os
 import platform
 import time
@@ -60,12 +59,13 @@ def time_static(model, ids, new_tokens: int, repeat: int) -> tuple[float, list]:
 
 
 def quantize_for_speed(model, tok, bits: float):
+    """In place (the caller loads a fresh float model for each: one model in memory at a time)."""
     import xbit
     from eval.assets import text_files
     from eval.perplexity import load_texts
 
     calib = load_texts(text_files("sotu-calib"))
-    q, _, report = xbit.quantize(copy.deepcopy(model), tok, method="xbit", bits=bits, allocation="uniform",
+    q, _, report = xbit.quantize(model, tok, method="xbit", bits=bits, allocation="uniform",
                                  compensate=False, calib=calib, calib_samples=4, seq_len=128, progress=False)
     return q, report
 
@@ -90,12 +90,12 @@ def main(argv=None) -> int:
     rows.append(("transformers generate, float32", None, fp32_tps, True))
     tps, toks = time_static(model, ids, args.new_tokens, args.repeat)
     rows.append(("xbit static loop, float32", None, tps, toks == fp32_tokens))
-    bf16 = copy.deepcopy(model).to(torch.bfloat16)
-    tps, _ = time_generate(bf16, ids, args.new_tokens, args.repeat)
+    model = model.to(torch.bfloat16)
+    tps, _ = time_generate(model, ids, args.new_tokens, args.repeat)
     rows.append(("transformers generate, bfloat16", None, tps, None))
-    del bf16
+    del model
     for b in args.bits:
-        q, report = quantize_for_speed(model, tok, b)
+        q, report = quantize_for_speed(load(args.model)[0], tok, b)
         tps, toks = time_static(q, ids, args.new_tokens, args.repeat)
         rows.append((f"xbit {b:g} bits/weight, static loop", report["checkpoint_bytes"], tps, None))
         del q
