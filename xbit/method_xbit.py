@@ -55,7 +55,8 @@ def measure(model, linears: dict, ids: torch.Tensor, device, group_size: int, pr
     for name in outside:
         w = linears[name].weight
         if isinstance(linears[name], nn.Embedding) and name not in heads_of:
-            out[name] = {"h_diag": torch.ones(w.shape[1]), "err": column_errors(w, torch.ones(w.shape[1], device=w.device), group_size).cpu()}
+            ones = torch.ones(w.shape[1], device=w.device)
+            out[name] = {"h_diag": ones.cpu(), "err": column_errors(w, ones, group_size).cpu()}
         else:
             diag = h_head.diagonal().clone()
             out[name] = {"h_diag": diag.cpu(), "h": h_head.cpu(), "err": column_errors(w, diag, group_size).cpu()}
