@@ -8,6 +8,11 @@ from . import dispatch
 from .format import dequantize, layer_shapes
 
 
+def _counts(bits: torch.Tensor) -> list[int]:
+    """Columns per bit depth 0..8."""
+    return torch.bincount(bits.long(), minlength=9).tolist()
+
+
 class XbitLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, counts: list[int], group_size: int, bias: bool = False,
                  dtype=torch.float16, device=None):
@@ -26,15 +31,17 @@ class XbitLinear(nn.Module):
     @classmethod
     def from_tensors(cls, tensors: dict, bias: torch.Tensor | None, group_size: int) -> "XbitLinear":
         bits = tensors["bits"]
-        counts = torch.bincount(bits.long(), minlength=9).tolist()
-        out = tensors["scales"].shape[1]
         dtype = bias.dtype if bias is not None else torch.float16
-        m = cls(bits.numel(), out, counts, group_size, bias=bias is not None, dtype=dtype, device=bits.device)
-        for name, t in tensors.items():
-            getattr(m, name).copy_(t)
+        m = cls(bits.numel(), tensors["scales"].shape[1], _counts(bits), group_size, bias=bias is not None,
+                dtype=dtype, device=bits.device)
+        m._copy_tensors(tensors)
         if bias is not None:
             m.bias.data.copy_(bias)
         return m
+
+    def _copy_tensors(self, tensors: dict):
+        for name, t in tensors.items():
+            getattr(self, name).copy_(t)
 
     def _apply(self, fn, recurse=True):
         # model.float() / .half() must move the format tensors but never change their stored dtypes
@@ -71,10 +78,8 @@ class XbitEmbedding(XbitLinear):
     @classmethod
     def from_tensors(cls, tensors: dict, group_size: int, dtype=torch.float16) -> "XbitEmbedding":
         bits = tensors["bits"]
-        counts = torch.bincount(bits.long(), minlength=9).tolist()
-        m = cls(tensors["scales"].shape[1], bits.numel(), counts, group_size, dtype=dtype, device=bits.device)
-        for name, t in tensors.items():
-            getattr(m, name).copy_(t)
+        m = cls(tensors["scales"].shape[1], bits.numel(), _counts(bits), group_size, dtype=dtype, device=bits.device)
+        m._copy_tensors(tensors)
         return m
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

@@ -12,12 +12,12 @@ from xbit.learn import ErrorGates
 from xbit.modules import XbitEmbedding, XbitTiedHead
 from xbit.quantize import embedding_candidates, match_size
 from xbit.rtn import quantize_weight_rtn
-from tests.tiny import WORDS, tiny_llama, tiny_tokenizer
+from tests.tiny import tiny_llama, tiny_tokenizer
+from tests.xbit.test_allocate import texts
 
 
-def _texts(n=8, words=800, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (words,), generator=g).tolist()) for _ in range(n)]
+def _texts():
+    return texts(n=8)
 
 
 def _table(seed=0, vocab=300, dim=96, group_size=32):
