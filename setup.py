@@ -20,11 +20,17 @@ X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 COMMON = ["-std=c++17", "-O3", "-g0", "-fPIC"] + (["-DXBIT_HAVE_X86_SIMD"] if X86 else [])
 # Each ISA gets its own translation unit and flags; api.cpp picks one at run time with __builtin_cpu_supports.
 SOURCES = [("api.cpp", []), ("kernel_scalar.cpp", [])]
+# Optional units: a compiler too old for their flags (gcc < 8 has no -mavx512vnni) builds the rest without them,
+# and api.cpp gets the define that hides the path.
+OPTIONAL = {"kernel_avx512vnni.cpp": "-DXBIT_NO_VNNI"}
 if X86:
     SOURCES += [
         ("kernel_avx2.cpp", ["-mavx2", "-mfma", "-mf16c"]),
         # gcc 12 warns about its own _mm512_undefined_* idiom under -Wall
         ("kernel_avx512.cpp", ["-mavx512f", "-mavx2", "-mfma", "-mf16c", "-Wno-maybe-uninitialized"]),
+        # batch <= 4 GEMV on vpdpbusd (+ vpmultishiftqb/vpermb of VBMI); api.cpp checks all four features
+        ("kernel_avx512vnni.cpp", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512vbmi", "-mavx2",
+                                   "-mfma", "-mf16c", "-Wno-maybe-uninitialized", "-Wno-uninitialized"]),
     ]
 
 
@@ -42,10 +48,17 @@ class BuildCpuKernels(build_ext):
         errors = []
         for openmp in (["-fopenmp"], []):  # without OpenMP the kernels still build, single-threaded
             try:
-                objects = []
-                for name, flags in SOURCES:
-                    objects += self.compiler.compile([f"{SRC}/{name}"], output_dir=self.build_temp,
-                                                     extra_postargs=COMMON + flags + openmp, depends=HEADERS)
+                objects, defines = [], []
+                for name, flags in sorted(SOURCES, key=lambda s: s[0] == "api.cpp"):  # api.cpp last: the defines
+                    try:
+                        objects += self.compiler.compile([f"{SRC}/{name}"], output_dir=self.build_temp,
+                                                         extra_postargs=COMMON + defines * (name == "api.cpp")
+                                                         + flags + openmp, depends=HEADERS)
+                    except CompileError as e:
+                        if name not in OPTIONAL:
+                            raise
+                        self.warn(f"cpu_fallback: {name} not built ({e}); that code path is left out")
+                        defines.append(OPTIONAL[name])
                 self.compiler.link_shared_object(objects, self.get_ext_fullpath(ext.name), extra_postargs=openmp,
                                                  target_lang="c++")
                 return

@@ -1,10 +1,12 @@
-"""CPU kernel for x-bit linears: C++/OpenMP SIMD (AVX-512, AVX2+FMA, scalar) through ctypes.
+"""CPU kernel for x-bit linears: C++/OpenMP SIMD (AVX-512 VNNI, AVX-512, AVX2+FMA, scalar) through ctypes.
 
 `CpuKernel` follows the xbit.dispatch interface. Environment:
-  XBIT_CPU_ISA=scalar|avx2|avx512   force a code path (default: the best the CPU supports)
+  XBIT_CPU_ISA=scalar|avx2|avx512|avx512vnni   force a code path (default: the best the CPU supports; avx512vnni
+                                    quantizes x to ~15 bits per group for batches of 1..4 rows, see
+                                    csrc/kernel_avx512vnni.cpp)
   XBIT_CPU_THREADS=N                OpenMP threads (default: torch.get_num_threads(), 1 for tiny products)
 Imports nothing of xbit: a layer is anything with the XbitLinear buffers (qweight, scales, zeros, perm, bits,
-group_size, bias).
+group_size, bias; a layer stored in a rotated basis also has rotation_block and signs()).
 """
 
 import os
@@ -17,6 +19,9 @@ from ._lib import ISAS, load
 BLOCK = 32
 _LIB, _WHY = load()
 _warned = False
+# the CPU's features do not change: ask once (a per-call ctypes round trip costs ~2 us of a batch-1 call)
+_SUPPORTED = {name: code for name, code in ISAS.items() if _LIB is not None and _LIB.xbit_cpu_isa_supported(code)}
+_BEST = {v: k for k, v in ISAS.items()}[_LIB.xbit_cpu_best_isa()] if _LIB is not None else None
 
 
 def available() -> tuple[bool, str]:
@@ -26,20 +31,20 @@ def available() -> tuple[bool, str]:
 def best_isa() -> str:
     if _LIB is None:
         raise RuntimeError(_WHY)
-    return {v: k for k, v in ISAS.items()}[_LIB.xbit_cpu_best_isa()]
+    return _BEST
 
 
 def supported_isas() -> list[str]:
-    return [name for name, code in ISAS.items() if _LIB is not None and _LIB.xbit_cpu_isa_supported(code)]
+    return list(_SUPPORTED) if _LIB is not None else []
 
 
 def _isa(isa: str | None) -> int:
     name = isa or os.environ.get("XBIT_CPU_ISA") or best_isa()
+    if name in _SUPPORTED and _LIB is not None:
+        return _SUPPORTED[name]
     if name not in ISAS:
         raise ValueError(f"XBIT_CPU_ISA must be one of {sorted(ISAS)}, got {name!r}")
-    if not _LIB.xbit_cpu_isa_supported(ISAS[name]):
-        raise RuntimeError(f"this CPU does not support the {name} path (supported: {supported_isas()})")
-    return ISAS[name]
+    raise RuntimeError(f"this CPU does not support the {name} path (supported: {supported_isas()})")
 
 
 def _threads(threads: int | None, work: int) -> int:
@@ -98,21 +103,27 @@ def matmul(x: torch.Tensor, layer, threads: int | None = None, isa: str | None =
     x2 = x.reshape(-1, k).contiguous()
     y = torch.empty(x2.shape[0], n, dtype=torch.float32)
     qweight, scales, zeros = (t.contiguous() for t in (layer.qweight, layer.scales, layer.zeros))
+    rot_block = getattr(layer, "rotation_block", 0)  # a rotated layer: R^T x is computed in the kernel
+    signs = layer.signs().float().contiguous() if rot_block else None
     if x2.shape[0] > 0 and n > 0:
         rc = _LIB.xbit_cpu_matmul(
             _isa(isa), _threads(threads, x2.shape[0] * n * plan.kp), x2.data_ptr(), int(x2.dtype == torch.bfloat16), x2.shape[0], k,
             plan.perm.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), n,
-            plan.segs.data_ptr(), plan.segs.shape[0], layer.group_size, plan.ngroups, plan.kp, y.data_ptr())
+            plan.segs.data_ptr(), plan.segs.shape[0], layer.group_size, plan.ngroups, plan.kp,
+            signs.data_ptr() if rot_block else None, rot_block, y.data_ptr())
         if rc != 0:
             raise RuntimeError(f"xbit_cpu_matmul failed with code {rc}")
-    y = y.to(x.dtype)
-    if layer.bias is not None:
-        y += layer.bias.to(x.dtype)
-    return y.reshape(*x.shape[:-1], n)
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    bias = layer.bias
+    if bias is not None:
+        y += bias.to(x.dtype)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 
 
 class CpuKernel:
     name = "cpu"
+    fuses_rotation = True  # matmul applies a rotated layer's R^T to x itself
 
     @staticmethod
     def can_run(layer, x: torch.Tensor):

@@ -4,7 +4,7 @@ import ctypes
 import importlib.machinery
 from pathlib import Path
 
-ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
+ISAS = {"scalar": 0, "avx2": 1, "avx512": 2, "avx512vnni": 3}
 _NAME = "_xbit_cpu"
 _P, _I32, _I64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
 
@@ -34,6 +34,7 @@ def load() -> tuple[ctypes.CDLL | None, str]:
     lib.xbit_cpu_matmul.argtypes = [
         ctypes.c_int, ctypes.c_int, _P, ctypes.c_int, _I64, _I64, _P,  # isa, threads, x, x_bf16, M, K, perm
         _P, _P, _P, _I64,  # qweight, scales, zeros, N
-        _P, _I32, _I32, _I64, _I64, _P,  # seg_table, nseg, group_size, ngroups, Kp, y
+        _P, _I32, _I32, _I64, _I64,  # seg_table, nseg, group_size, ngroups, Kp
+        _P, _I32, _P,  # signs, rot_block, y
     ]
     return lib, ""

@@ -9,8 +9,10 @@ Targets (each becomes one byte count shared by every method):
   2.56     bits per weight over the whole checkpoint (bytes = bits x parameters / 8)
   60MB     a plain size (B, KB, MB, GB, KiB, MiB, GiB)
 Uniform methods (rtn, gptq) take the widest code width that fits; xbit fills the bytes.
-Methods: rtn, gptq, xbit, and the xbit ablations xbit-uniform (the same bytes, the allocation forced uniform) and
-xbit-float-emb (embedding table and head kept float16 as GPTQ keeps them: regime b).
+Methods: rtn, gptq, xbit, and the xbit ablations xbit-uniform (the same bytes, the allocation forced uniform),
+xbit-float-emb (embedding table and head kept float16 as GPTQ keeps them: regime b), xbit-float-emb-uniform (both),
+xbit-no-rotation / xbit-float-emb-no-rotation (the layers quantized in their original basis) and
+xbit-float-emb-minmax (min-max grids, as the baselines use).
 
 Every cell (method x target, plus the float reference) is written to OUT/cells/ as it finishes and reused on the
 next run when its evaluation settings are unchanged. Methods this xbit build lacks get a skip line in the table.
@@ -44,7 +46,11 @@ REGIME = ("equal total checkpoint bytes; rtn/gptq/xbit-float-emb keep embeddings
 # compare's method name -> (xbit.quantize method, extra keyword arguments)
 METHODS = {"rtn": ("rtn", {}), "gptq": ("gptq", {}), "xbit": ("xbit", {}),
            "xbit-uniform": ("xbit", {"allocation": "uniform"}),
-           "xbit-float-emb": ("xbit", {"quantize_embeddings": False})}
+           "xbit-float-emb": ("xbit", {"quantize_embeddings": False}),
+           "xbit-float-emb-uniform": ("xbit", {"quantize_embeddings": False, "allocation": "uniform"}),
+           "xbit-no-rotation": ("xbit", {"rotation_block": 0}),
+           "xbit-float-emb-no-rotation": ("xbit", {"quantize_embeddings": False, "rotation_block": 0}),
+           "xbit-float-emb-minmax": ("xbit", {"quantize_embeddings": False, "grid": "minmax"})}
 TEXT_SPLITS = ("sotu-eval", "sotu-calib", "moby")
 
 
@@ -153,13 +159,16 @@ def _calib_kwargs(method: str, args) -> dict:
 
 
 def _measurement_kwargs(method: str, extra: dict, args) -> dict:
-    """xbit variants share one saved measurement per embedding regime and calibration (made by the first target)."""
+    """xbit variants share one saved measurement per embedding regime, basis and calibration (made by the first
+    target)."""
     if method != "xbit":
         return {}
     calib = hashlib.sha256(json.dumps([args.calib, args.calib_samples, args.calib_seq_len, args.group_size])
                            .encode()).hexdigest()[:8]
     regime = "b" if extra.get("quantize_embeddings") is False else "a"
-    path = Path(args.out) / f"measurement-{regime}-{calib}.safetensors"
+    basis = "" if extra.get("rotation_block", 1) else "-original"
+    grid = "" if extra.get("grid", "mse") == "mse" else "-minmax"
+    path = Path(args.out) / f"measurement-{regime}{basis}{grid}-{calib}.safetensors"
     return {"load_measurement": path} if path.is_file() else {"save_measurement": path}
 
 
@@ -306,6 +315,7 @@ def run(args, argv=None) -> dict:
     if args.limit is not None and args.limit >= 1:
         args.limit = int(args.limit)
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)  # the xbit measurement is saved here before any cell is written
     texts = _load_texts(args.texts)
     ref, tok, model_path = _load_reference(args.model)
     targets = {t: resolve_target(t, ref) for t in args.targets}

@@ -15,14 +15,14 @@ from .grid import round_to_grid
 SCALE_ZERO_BITS = 32  # float16 scale + float16 zero per row per group
 
 
-def column_errors(weight: torch.Tensor, h_diag: torch.Tensor, group_size: int) -> torch.Tensor:
+def column_errors(weight: torch.Tensor, h_diag: torch.Tensor, group_size: int, grid: str = "minmax") -> torch.Tensor:
     """err [in, 9]: E[x_j^2] * ||w_j - q_b(w_j)||^2 for b = 0..8, groups of consecutive original columns."""
     w = weight.float()
     out, k = w.shape
     err = torch.empty(k, MAX_BITS + 1, device=w.device)
     err[:, 0] = w.pow(2).sum(0)
     for b in range(1, MAX_BITS + 1):
-        q = torch.cat([round_to_grid(w[:, g0 : g0 + group_size], b) for g0 in range(0, k, group_size)], dim=1)
+        q = torch.cat([round_to_grid(w[:, g0 : g0 + group_size], b, grid) for g0 in range(0, k, group_size)], dim=1)
         err[:, b] = (w - q).pow(2).sum(0)
     return err * h_diag.float().clamp(min=0)[:, None]
 

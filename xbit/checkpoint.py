@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .format import FORMAT_VERSION, layer_shapes
+from .format import READABLE_VERSIONS, layer_shapes
 
 REPORT_NAME = "xbit_report.json"
 SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "I32": torch.int32,
@@ -140,14 +140,15 @@ def validate(checkpoint_files, expected: dict[str, tuple[tuple, torch.dtype]]):
 
 def check_version(quantization_config: dict):
     v = quantization_config.get("format_version")
-    if v != FORMAT_VERSION:
-        raise CheckpointError(f"xbit checkpoint format_version {v} is not supported by this xbit "
-                              f"(it reads format_version {FORMAT_VERSION}); re-quantize or convert the checkpoint")
+    if v not in READABLE_VERSIONS:
+        raise CheckpointError(f"xbit checkpoint format_version {v} is not supported by this xbit (it reads "
+                              f"format_version {', '.join(map(str, READABLE_VERSIONS))}); re-quantize the checkpoint")
 
 
 def expected_xbit_tensors(layers: dict) -> dict:
     out = {}
     for name, spec in layers.items():
-        for t, (shape, dtype) in layer_shapes(spec["out"], spec["in"], spec["counts"], spec["group_size"]).items():
+        for t, (shape, dtype) in layer_shapes(spec["out"], spec["in"], spec["counts"], spec["group_size"],
+                                               spec.get("rotation_block", 0)).items():
             out[f"{name}.{t}"] = (shape, dtype)
     return out

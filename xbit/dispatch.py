@@ -2,6 +2,8 @@
 
 Each kernel has `can_run(layer, x) -> (bool, reason)` and `run(x, layer) -> y`. The first kernel in
 `KERNELS` that can run is used; the reference (dequantize, then matmul) can always run and is last.
+A layer stored in a rotated basis (layer.rotation_block > 0) needs R^T x: `xbit.rotation.rotate` here, unless the
+kernel applies it itself (`fuses_rotation = True`).
 """
 
 import torch
@@ -10,6 +12,7 @@ from cpu_fallback import CpuKernel
 from triton_kernels import TritonKernel
 
 from .format import reference_matmul
+from .rotation import rotate
 
 
 class ReferenceKernel:
@@ -41,4 +44,6 @@ def choose(layer, x: torch.Tensor):
 
 def matmul(x: torch.Tensor, layer) -> torch.Tensor:
     kernel, _ = choose(layer, x)
+    if getattr(layer, "rotation_block", 0) and not getattr(kernel, "fuses_rotation", False):
+        x = rotate(x, layer.signs(), layer.rotation_block)
     return kernel.run(x, layer)

@@ -17,6 +17,9 @@ A quantized linear y = x @ W.T (W: out x in) is stored as five tensors:
                                 consecutive columns inside a segment (the last group may be partial);
                                 weight = scale * (code - zero). ``zeros`` are floats, so 1-bit columns get two
                                 free levels.
+- ``rot_signs`` uint8 [ceil(in/8)]  only in a layer stored in a rotated basis (xbit.rotation): W above is then
+                                W_original @ R, and the module feeds R^T x to the matmul. The kernels and
+                                `reference_matmul` never see R: they compute x @ W.T for whatever x they get.
 
 A uniform GPTQ g128 layer with act-order is exactly a one-segment layer whose ``perm`` is the act order.
 """
@@ -25,7 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: optional rot_signs (rotated layers); version 1 checkpoints read the same way
+READABLE_VERSIONS = (1, 2)
 MAX_BITS = 8
 BLOCK = 32  # columns per packed block: 32 codes of b bits fill exactly b int32 words
 
@@ -76,23 +80,29 @@ def segments_of(bits: torch.Tensor, perm: torch.Tensor, group_size: int) -> list
     return segs
 
 
-def layer_shapes(out_features: int, in_features: int, counts: list[int], group_size: int) -> dict:
-    """Tensor shapes of a layer from its per-depth column counts (counts[b] = columns at b bits)."""
+def layer_shapes(out_features: int, in_features: int, counts: list[int], group_size: int,
+                 rotation_block: int = 0) -> dict:
+    """Tensor shapes of a layer from its per-depth column counts (counts[b] = columns at b bits); a layer stored
+    in a rotated basis (rotation_block > 0, see xbit.rotation) also holds its packed input signs."""
     words = sum(segment_words(c, b) for b, c in enumerate(counts) if b > 0)
     groups = sum(segment_groups(c, b, group_size) for b, c in enumerate(counts) if c > 0)
-    return {
+    shapes = {
         "qweight": ((words, out_features), torch.int32),
         "scales": ((groups, out_features), torch.float16),
         "zeros": ((groups, out_features), torch.float16),
         "perm": ((in_features,), perm_dtype(in_features)),
         "bits": ((in_features,), torch.uint8),
     }
+    if rotation_block:
+        shapes["rot_signs"] = ((-(-in_features // 8),), torch.uint8)
+    return shapes
 
 
-def layer_bytes(out_features: int, in_features: int, counts: list[int], group_size: int) -> int:
+def layer_bytes(out_features: int, in_features: int, counts: list[int], group_size: int,
+                rotation_block: int = 0) -> int:
     """Exact stored bytes of a quantized layer (bias not included)."""
     total = 0
-    for shape, dtype in layer_shapes(out_features, in_features, counts, group_size).values():
+    for shape, dtype in layer_shapes(out_features, in_features, counts, group_size, rotation_block).values():
         n = 1
         for s in shape:
             n *= s

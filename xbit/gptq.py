@@ -37,7 +37,7 @@ def inverse_hessian_chol(h: torch.Tensor, damp: float) -> torch.Tensor:
 
 @torch.no_grad()
 def quantize_weight_gptq(weight: torch.Tensor, h: torch.Tensor, bits: torch.Tensor, perm: torch.Tensor,
-                         group_size: int, damp: float = 0.01, block: int = 128) -> dict:
+                         group_size: int, damp: float = 0.01, block: int = 128, grid: str = "minmax") -> dict:
     """weight [out, in], h = E[x x^T] [in, in] -> stored tensors of an x-bit layer (see xbit.format)."""
     perm = perm.long()
     w = weight.float()[:, perm].clone()
@@ -63,7 +63,7 @@ def quantize_weight_gptq(weight: torch.Tensor, h: torch.Tensor, bits: torch.Tens
                 if (col - seg.start) % group_size == 0:  # a new group: fit its grid on the current weights
                     end = min(col + group_size, seg.start + seg.cols)
                     cur = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, : end - col]
-                    scale, zero = fit_grid(cur, b)
+                    scale, zero = fit_grid(cur, b, grid)
                     scales.append(scale)
                     zeros.append(zero)
                 c = quantize_codes(w1[:, i : i + 1], scale[:, None], zero[:, None], b)[:, 0]

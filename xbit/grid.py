@@ -1,12 +1,34 @@
 """The asymmetric uniform grid of one group: weight = scale * (code - zero), scale and zero in float16.
 
-Shared by every quantizer (rtn, gptq, xbit) so that they all produce the same kind of numbers.
+Shared by every quantizer (rtn, gptq, xbit) so that they all produce the same kind of numbers. Two fits: "minmax"
+(the grid spans the group's range, as GPTQ and RTN baselines do) and "mse" (xbit's default: the range shrunk by
+the factor in CLIP_FACTORS that minimises each row's squared error; clipping a few extreme values buys a finer
+step for all the others, which pays most at 2-3 bits).
 """
 
 import torch
 
+GRIDS = ("mse", "minmax")
+CLIP_FACTORS = torch.linspace(1.0, 0.5, 21).tolist()
 
-def fit_grid(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+
+def fit_grid(w: torch.Tensor, bits: int, grid: str = "minmax") -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) float32 [out] for each row of w [out, cols], already rounded to float16: `grid` "minmax" or
+    "mse" (the best of the ranges [f * min, f * max] for f in CLIP_FACTORS)."""
+    if grid == "minmax":
+        return fit_minmax(w, bits)
+    if grid != "mse":
+        raise ValueError(f"unknown grid {grid!r}; available: {', '.join(GRIDS)}")
+    f = torch.tensor(CLIP_FACTORS, dtype=w.dtype, device=w.device)[:, None]  # [F, 1]
+    lo, hi = w.min(dim=1).values * f, w.max(dim=1).values * f  # [F, out]: every candidate range at once
+    scale, zero = fit_minmax(torch.stack([lo.flatten(), hi.flatten()], dim=1), bits)
+    scale, zero = scale.view_as(lo)[..., None], zero.view_as(lo)[..., None]
+    err = (w - dequantize_codes(quantize_codes(w, scale, zero, bits), scale, zero)).pow(2).sum(dim=2)
+    best = err.argmin(dim=0, keepdim=True)  # first minimum: the widest range among equals
+    return scale[..., 0].gather(0, best)[0], zero[..., 0].gather(0, best)[0]
+
+
+def fit_minmax(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Min-max grid per row of w [out, cols] -> (scale, zero) float32 [out], already rounded to float16.
 
     The zero point is a float, so the grid spans exactly [min, max] (two free levels at 1 bit). A constant row, or
@@ -35,7 +57,7 @@ def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -
     return scale * (q.float() - zero)
 
 
-def round_to_grid(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """w [out, cols] rounded to its own min-max grid (one group per row), as float: fit, quantize, dequantize."""
-    scale, zero = fit_grid(w, bits)
+def round_to_grid(w: torch.Tensor, bits: int, grid: str = "minmax") -> torch.Tensor:
+    """w [out, cols] rounded to its own grid (one group per row), as float: fit, quantize, dequantize."""
+    scale, zero = fit_grid(w, bits, grid)
     return dequantize_codes(quantize_codes(w, scale[:, None], zero[:, None], bits), scale[:, None], zero[:, None])

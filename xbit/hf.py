@@ -18,6 +18,8 @@ def set_submodule(model, name: str, module):
 def layer_spec(m: XbitLinear) -> dict:
     spec = {"in": m.in_features, "out": m.out_features, "counts": m.counts, "group_size": m.group_size,
             "bias": m.bias is not None}
+    if m.rotation_block:
+        spec["rotation_block"] = m.rotation_block
     return {**spec, "kind": "embedding"} if isinstance(m, XbitEmbedding) else spec
 
 
@@ -31,7 +33,7 @@ def _build(name: str, old, spec: dict):
     if not isinstance(old, torch.nn.Linear) or (old.in_features, old.out_features) != (spec["in"], spec["out"]):
         raise checkpoint.CheckpointError(f"layer {name} in quantization_config does not match the model")
     return XbitLinear(spec["in"], spec["out"], spec["counts"], spec["group_size"], bias=spec.get("bias", False),
-                      dtype=old.weight.dtype, device=old.weight.device)
+                      dtype=old.weight.dtype, device=old.weight.device, rotation_block=spec.get("rotation_block", 0))
 
 
 @register_quantization_config("xbit")

@@ -46,7 +46,7 @@ def resolve_cost(spec: str):
     raise ValueError(f"unknown cost {spec!r}: use kl, ce or module:function")
 
 
-def quantized_delta(weight: torch.Tensor, bits: torch.Tensor, group_size: int) -> torch.Tensor:
+def quantized_delta(weight: torch.Tensor, bits: torch.Tensor, group_size: int, grid: str = "minmax") -> torch.Tensor:
     """Q - W for per-column depths, with the proxy's grouping (consecutive original columns of equal depth)."""
     w = weight.float()
     delta = -w.clone()  # 0-bit columns: Q = 0
@@ -55,8 +55,8 @@ def quantized_delta(weight: torch.Tensor, bits: torch.Tensor, group_size: int) -
         if cols.numel() == 0:
             continue
         sub = w[:, cols]
-        q = torch.cat([round_to_grid(sub[:, g0 : g0 + group_size], b) for g0 in range(0, cols.numel(), group_size)],
-                      dim=1)
+        q = torch.cat([round_to_grid(sub[:, g0 : g0 + group_size], b, grid)
+                       for g0 in range(0, cols.numel(), group_size)], dim=1)
         delta[:, cols] = q - sub
     return delta
 
@@ -112,7 +112,8 @@ def cost_and_gradient(model, linears, deltas, ids, ref_logits, cost_fn, batch_si
 
 
 def learn_allocation(model, problem, solve, budget, linears, held_out_ids, cost_fn, rounds: int = 3,
-                     batch_size: int = 4, progress: bool = True, initial_weights=None, tied_heads=None):
+                     batch_size: int = 4, progress: bool = True, initial_weights=None, tied_heads=None,
+                     grid: str = "minmax"):
     """Rounds of (allocate, measure cost and gradients, update sensitivities). Returns (bits, history)."""
     for p in model.parameters():
         p.requires_grad_(False)
@@ -121,7 +122,7 @@ def learn_allocation(model, problem, solve, budget, linears, held_out_ids, cost_
     best, history = None, []
     for r in tqdm(range(rounds), desc="learning allocation", disable=not progress):
         bits = solve(problem, budget, weights)
-        deltas = {n: quantized_delta(linears[n].weight, bits[n].to(linears[n].weight.device), problem.group_size)
+        deltas = {n: quantized_delta(linears[n].weight, bits[n].to(linears[n].weight.device), problem.group_size, grid)
                   for n in problem.names}
         cost, grad = cost_and_gradient(model, linears, deltas, held_out_ids, ref, cost_fn, batch_size, tied_heads)
         history.append({"round": r, "cost": cost, "bytes": problem.exact_bytes(torch.cat(list(bits.values())))})

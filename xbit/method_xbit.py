@@ -1,5 +1,8 @@
 """The xbit method end to end: measure, learn the allocation, quantize with error compensation.
 
+0. Rotate (rotation_block > 0): every decoder-block linear becomes the same function in a random-sign block
+   Hadamard basis (xbit.rotation), which removes the outlier columns and activation dimensions before anything is
+   measured; the layers are stored rotated.
 1. Measure: calibration text through the float model block by block, E[x_j^2] per linear input; the real error
    of every column at every depth 0..8 (xbit.allocate.column_errors). Saved/loaded with --save/--load-measurement.
 2. Learn: budgets across layers from the gradient of the end-to-end cost on held-out tokens (xbit.learn), every
@@ -16,6 +19,7 @@ from .allocate import Problem, column_errors, solve, uniform_fraction
 from .calibrate import calibration_ids, decoder_layers_path, head_hessian, run_blocks, world
 from .gptq import quantize_weight_gptq
 from .learn import learn_allocation
+from .rotation import block_size, pack_signs, random_signs, rotate_linear, signs_bytes
 from .rtn import quantize_weight_rtn
 
 ALLOCATIONS = ("learned", "proxy", "uniform")
@@ -31,7 +35,7 @@ def split_held_out(texts: list[str], fraction: float = 0.1) -> tuple[list[str], 
 
 
 def measure(model, linears: dict, ids: torch.Tensor, device, group_size: int, progress: bool,
-            tied: dict | None = None) -> dict:
+            tied: dict | None = None, grid: str = "mse") -> dict:
     """{name: {"h_diag": E[x_j^2], "err": column errors [in, 9]}} from the float model.
 
     Layers outside the decoder blocks (regime a): the output head, and an input embedding tied to it, are measured
@@ -47,7 +51,8 @@ def measure(model, linears: dict, ids: torch.Tensor, device, group_size: int, pr
             name = f"{prefix}.{index}.{local}"
             if name in linears:
                 diag = h  # diag_only: E[x_j^2]
-                out[name] = {"h_diag": diag.cpu(), "err": column_errors(linears[name].weight, diag, group_size).cpu()}
+                err = column_errors(linears[name].weight, diag, group_size, grid)
+                out[name] = {"h_diag": diag.cpu(), "err": err.cpu()}
 
     hidden = run_blocks(model, ids, device, record, progress=progress, diag_only=True)
     outside = [n for n in linears if n not in out]
@@ -56,25 +61,30 @@ def measure(model, linears: dict, ids: torch.Tensor, device, group_size: int, pr
         w = linears[name].weight
         if isinstance(linears[name], nn.Embedding) and name not in heads_of:
             ones = torch.ones(w.shape[1], device=w.device)
-            out[name] = {"h_diag": ones.cpu(), "err": column_errors(w, ones, group_size).cpu()}
+            out[name] = {"h_diag": ones.cpu(), "err": column_errors(w, ones, group_size, grid).cpu()}
         else:
             diag = h_head.diagonal().clone()
-            out[name] = {"h_diag": diag.cpu(), "h": h_head.cpu(), "err": column_errors(w, diag, group_size).cpu()}
+            out[name] = {"h_diag": diag.cpu(), "h": h_head.cpu(), "err": column_errors(w, diag, group_size, grid).cpu()}
     return out
 
 
-def save_measurement(path, measurement: dict, group_size: int):
+def save_measurement(path, measurement: dict, group_size: int, setup: str):
     tensors = {f"{n}.{k}": v.contiguous() for n, d in measurement.items() for k, v in d.items()}
-    save_file(tensors, str(path), metadata={"format": "pt", "group_size": str(group_size)})
+    save_file(tensors, str(path), metadata={"format": "pt", "group_size": str(group_size), "setup": setup})
 
 
-def load_measurement(path, linears: dict, group_size: int) -> dict:
+def load_measurement(path, linears: dict, group_size: int, setup: str) -> dict:
+    """`setup` names the basis and grid the errors were measured with; they must be this run's."""
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
-        saved_gs = int(f.metadata().get("group_size", -1))
+        meta = f.metadata()
+    saved_gs, saved_setup = int(meta.get("group_size", -1)), meta.get("setup", "original basis, minmax grid")
     if saved_gs != group_size:
         raise ValueError(f"measurement {path} was made with group size {saved_gs}, not {group_size}")
+    if saved_setup != setup:
+        raise ValueError(f"measurement {path} was made with {saved_setup}, this run uses {setup} "
+                         "(see --rotation-block and --grid)")
     tensors = load_file(str(path))
     out = {}
     for n, lin in linears.items():
@@ -105,7 +115,8 @@ def tempered_errors(measurement: dict, importance: float) -> dict:
 
 
 def allocate(model, linears, measurement, budget, group_size, allocation, held_out_ids, cost_fn, rounds,
-             progress, importance: float = 0.5, min_bits: int = 2, tied_heads: dict | None = None):
+             progress, importance: float = 0.5, min_bits: int = 2, tied_heads: dict | None = None,
+             grid: str = "mse"):
     err = tempered_errors(measurement, importance)
     problem = Problem({n: (err[n], linears[n].weight.shape[0]) for n in linears}, group_size,
                       allowed=range(min_bits, 9))
@@ -117,41 +128,61 @@ def allocate(model, linears, measurement, budget, group_size, allocation, held_o
     if allocation == "proxy":
         return solve(problem, budget, weights), {}
     return learn_allocation(model, problem, solve, budget, linears, held_out_ids, cost_fn, rounds=rounds,
-                            progress=progress, initial_weights=weights, tied_heads=tied_heads)
+                            progress=progress, initial_weights=weights, tied_heads=tied_heads, grid=grid)
 
 
 def quantize_xbit(model, tokenizer, linears: dict, replace, budget: int, texts: list[str], group_size: int, device,
                   calib_samples: int, seq_len: int, seed: int, damp: float, cost_fn, allocation: str = "learned",
                   rounds: int = 3, compensate: bool = True, held_out_samples: int = 16,
-                  importance: float = 0.5, min_bits: int = 2, tied: dict | None = None,
-                  save_measurement_to=None, load_measurement_from=None, progress: bool = True):
-    """Quantizes every layer in `linears`, handing its stored tensors to replace(name, module, tensors): layers of
-    the decoder blocks inside their block (so later blocks calibrate on quantized inputs), the embeddings and head
-    before the blocks. `tied` maps an output head's name to the embedding whose table it shares (one candidate).
-    Returns the report extras."""
+                  importance: float = 0.5, min_bits: int = 2, tied: dict | None = None, rotation_block: int = 0,
+                  grid: str = "mse", save_measurement_to=None, load_measurement_from=None, progress: bool = True):
+    """Quantizes every layer in `linears`, handing its stored tensors to replace(name, module, tensors, block):
+    layers of the decoder blocks inside their block (so later blocks calibrate on quantized inputs), the embeddings
+    and head before the blocks. `tied` maps an output head's name to the embedding whose table it shares (one
+    candidate). rotation_block > 0 stores the decoder-block linears in a rotated basis (block: the Hadamard block
+    size of that layer, 0 if not rotated). `grid`: how each group's grid is fitted (xbit.grid). Returns the
+    report extras."""
     if allocation not in ALLOCATIONS:
         raise ValueError(f"unknown allocation {allocation!r}; available: {', '.join(ALLOCATIONS)}")
+    prefix = decoder_layers_path(model)
+    rotated = {}  # name -> (signs, block); the float layers compute the same function in the rotated basis
+    if rotation_block:
+        for name, lin in linears.items():
+            if not (name.startswith(prefix + ".") and isinstance(lin, nn.Linear)):
+                continue
+            block = block_size(lin.in_features, rotation_block)
+            if block > 1:  # (a block of 1 would only flip signs)
+                rotated[name] = (random_signs(lin.in_features, name, seed), block)
+                rotate_linear(lin, *rotated[name])
+        budget -= sum(signs_bytes(linears[n].in_features) for n in rotated)
+    basis = f"Hadamard basis (blocks <= {rotation_block}, seed {seed})" if rotated else "original basis"
+    setup = f"{basis}, {grid} grid"  # what the saved column errors depend on besides the model
     calib_texts, held_texts = split_held_out(texts)
     ids = calibration_ids(tokenizer, calib_texts, calib_samples, seq_len, seed)
     held_ids = calibration_ids(tokenizer, held_texts, held_out_samples, seq_len, seed + 1)
     if load_measurement_from:
-        measurement = load_measurement(load_measurement_from, linears, group_size)
+        measurement = load_measurement(load_measurement_from, linears, group_size, setup)
     else:
-        measurement = measure(model, linears, ids, device, group_size, progress, tied)
+        measurement = measure(model, linears, ids, device, group_size, progress, tied, grid)
     if save_measurement_to and world()[0] == 0:
-        save_measurement(save_measurement_to, measurement, group_size)
+        save_measurement(save_measurement_to, measurement, group_size, setup)
     tied_heads = {emb: model.get_submodule(head) for head, emb in (tied or {}).items()}
     bits, learned = allocate(model, linears, measurement, budget, group_size, allocation, held_ids, cost_fn,
-                             rounds, progress, importance=importance, min_bits=min_bits, tied_heads=tied_heads)
-    prefix = decoder_layers_path(model)
+                             rounds, progress, importance=importance, min_bits=min_bits, tied_heads=tied_heads,
+                             grid=grid)
 
     def quantize_one(name, h):
         w, b = linears[name].weight, bits[name].to(linears[name].weight.device)
         perm = storage_order(b, measurement[name]["h_diag"])
         if compensate and h is not None:
-            replace(name, linears[name], quantize_weight_gptq(w, h.to(w.device), b, perm, group_size, damp))
+            tensors = quantize_weight_gptq(w, h.to(w.device), b, perm, group_size, damp, grid=grid)
         else:
-            replace(name, linears[name], quantize_weight_rtn(w, b, perm, group_size))
+            tensors = quantize_weight_rtn(w, b, perm, group_size, grid)
+        block = 0
+        if name in rotated:
+            signs, block = rotated[name]
+            tensors["rot_signs"] = pack_signs(signs).to(w.device)
+        replace(name, linears[name], tensors, block)
 
     for name in [n for n in linears if not n.startswith(prefix + ".")]:  # embeddings and head, from float stats
         quantize_one(name, measurement[name].get("h"))
@@ -163,5 +194,6 @@ def quantize_xbit(model, tokenizer, linears: dict, replace, budget: int, texts: 
                 quantize_one(name, h)
 
     run_blocks(model, ids, device, quantize_block, progress=progress, diag_only=not compensate)
-    return {"allocation": allocation, "compensate": compensate, **learned}
+    return {"allocation": allocation, "compensate": compensate, "rotation_block": rotation_block, "grid": grid,
+            **learned}
 

@@ -6,6 +6,7 @@ from torch import nn
 
 from . import dispatch
 from .format import dequantize, layer_shapes
+from .rotation import unpack_signs
 
 
 def _counts(bits: torch.Tensor) -> list[int]:
@@ -14,14 +15,20 @@ def _counts(bits: torch.Tensor) -> list[int]:
 
 
 class XbitLinear(nn.Module):
+    """rotation_block > 0: the weight is stored in a rotated basis (xbit.rotation) and the input is rotated first."""
+
     def __init__(self, in_features: int, out_features: int, counts: list[int], group_size: int, bias: bool = False,
-                 dtype=torch.float16, device=None):
+                 dtype=torch.float16, device=None, rotation_block: int = 0):
         super().__init__()
         if len(counts) != 9 or sum(counts) != in_features:
             raise ValueError(f"counts must give 9 column counts summing to in_features={in_features}, got {counts}")
+        if rotation_block and (in_features % rotation_block or rotation_block & (rotation_block - 1)):
+            raise ValueError(f"rotation block {rotation_block} must be a power of two dividing {in_features}")
         self.in_features, self.out_features = in_features, out_features
-        self.counts, self.group_size = list(counts), group_size
-        for name, (shape, tdtype) in layer_shapes(out_features, in_features, counts, group_size).items():
+        self.counts, self.group_size, self.rotation_block = list(counts), group_size, rotation_block
+        self._signs = None  # rot_signs unpacked to +-1 floats, made on first use
+        for name, (shape, tdtype) in layer_shapes(out_features, in_features, counts, group_size,
+                                                  rotation_block).items():
             self.register_buffer(name, torch.zeros(shape, dtype=tdtype, device=device))
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
@@ -29,11 +36,12 @@ class XbitLinear(nn.Module):
             self.bias = None
 
     @classmethod
-    def from_tensors(cls, tensors: dict, bias: torch.Tensor | None, group_size: int) -> "XbitLinear":
+    def from_tensors(cls, tensors: dict, bias: torch.Tensor | None, group_size: int,
+                     rotation_block: int = 0) -> "XbitLinear":
         bits = tensors["bits"]
         dtype = bias.dtype if bias is not None else torch.float16
         m = cls(bits.numel(), tensors["scales"].shape[1], _counts(bits), group_size, bias=bias is not None,
-                dtype=dtype, device=bits.device)
+                dtype=dtype, device=bits.device, rotation_block=rotation_block)
         m._copy_tensors(tensors)
         if bias is not None:
             m.bias.data.copy_(bias)
@@ -42,6 +50,7 @@ class XbitLinear(nn.Module):
     def _copy_tensors(self, tensors: dict):
         for name, t in tensors.items():
             getattr(self, name).copy_(t)
+        self._signs = None
 
     def _apply(self, fn, recurse=True):
         # model.float() / .half() must move the format tensors but never change their stored dtypes
@@ -55,13 +64,22 @@ class XbitLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return dispatch.matmul(x, self)
 
+    def signs(self) -> torch.Tensor:
+        """The input rotation's signs as +-1 float32 [in] (rotated layers only)."""
+        if self._signs is None or self._signs.device != self.rot_signs.device:
+            self._signs = unpack_signs(self.rot_signs, self.in_features)
+        return self._signs
+
     def stored_bytes(self) -> int:
-        n = sum(getattr(self, k).numel() * getattr(self, k).element_size() for k in ("qweight", "scales", "zeros", "perm", "bits"))
+        names = ("qweight", "scales", "zeros", "perm", "bits") + (("rot_signs",) if self.rotation_block else ())
+        n = sum(getattr(self, k).numel() * getattr(self, k).element_size() for k in names)
         return n + (self.bias.numel() * self.bias.element_size() if self.bias is not None else 0)
 
     def extra_repr(self) -> str:
         avg = sum(b * c for b, c in enumerate(self.counts)) / self.in_features
-        return f"in_features={self.in_features}, out_features={self.out_features}, avg_code_bits={avg:.3f}, group_size={self.group_size}"
+        rot = f", rotation_block={self.rotation_block}" if self.rotation_block else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, avg_code_bits={avg:.3f}, "
+                f"group_size={self.group_size}{rot}")
 
 
 class XbitEmbedding(XbitLinear):

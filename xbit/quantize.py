@@ -22,6 +22,8 @@ from .calibrate import calibration_ids, decoder_layers_path, init_distributed, r
 from .gptq import act_order, quantize_weight_gptq
 from .learn import resolve_cost
 from .method_xbit import ALLOCATIONS, quantize_xbit
+from .grid import GRIDS
+from .rotation import MAX_BLOCK
 from .rtn import quantize_weight_rtn
 from .sizes import float_component_bytes, float_linear_bytes, parse_size, plan_bytes, uniform_counts
 
@@ -86,14 +88,18 @@ def quantize_model(model, tokenizer=None, method: str = "rtn", bits: float | Non
                    seq_len: int = 512, damp: float = 0.01, device=None, float_dtype=torch.float16,
                    progress: bool = True, seed: int = 0, cost="kl", allocation: str = "learned", rounds: int = 3,
                    compensate: bool = True, save_measurement=None, load_measurement=None, importance: float = 0.5,
-                   min_bits: int = 2, quantize_embeddings: bool = True):
+                   min_bits: int = 2, quantize_embeddings: bool = True, rotation_block: int = MAX_BLOCK,
+                   grid: str = "mse"):
     """Replace the model's linears by XbitLinear in place; returns (model, quantization_config, report).
 
     rtn needs nothing else; gptq and xbit need `tokenizer` and `calib` (a list of texts). For xbit, `bits` is the
     average stored bits per weight of the quantized layers (all overhead counted) and `size` the total checkpoint
     bytes; for rtn and gptq `bits` is the integer code width. `cost` is "kl", "ce" or a callable
     (logits, ref_logits, ids) -> scalar that is 0 when the outputs are identical. With `quantize_embeddings`
-    (xbit only) the embedding table and output head are candidates too (tied ones as one table).
+    (xbit only) the embedding table and output head are candidates too (tied ones as one table). xbit stores the
+    decoder-block linears in a random-sign block Hadamard basis with blocks of up to `rotation_block` input
+    features (0: no rotation; see xbit.rotation), and fits each group's grid by `grid` ("mse" or "minmax"; the
+    rtn and gptq baselines always use minmax, as published).
     """
     if method not in METHODS:
         raise UsageError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
@@ -119,7 +125,7 @@ def quantize_model(model, tokenizer=None, method: str = "rtn", bits: float | Non
         raise UsageError(f"{method} needs a tokenizer and calibration texts")
     layers, extra = {}, {}
 
-    def replace(name, old, tensors):
+    def replace(name, old, tensors, rotation_block=0):
         if isinstance(old, nn.Embedding):
             new = XbitEmbedding.from_tensors(tensors, group_size, dtype=old.weight.dtype)
             for head, table in tied.items():
@@ -127,7 +133,7 @@ def quantize_model(model, tokenizer=None, method: str = "rtn", bits: float | Non
                     set_submodule(model, head, XbitTiedHead(new))
         else:
             bias = old.bias.detach().to(float_dtype) if old.bias is not None else None
-            new = XbitLinear.from_tensors(tensors, bias, group_size)
+            new = XbitLinear.from_tensors(tensors, bias, group_size, rotation_block)
         set_submodule(model, name, new)
         layers[name] = layer_spec(new)
 
@@ -138,7 +144,8 @@ def quantize_model(model, tokenizer=None, method: str = "rtn", bits: float | Non
         cost_fn = resolve_cost(cost) if isinstance(cost, str) else cost
         extra = quantize_xbit(model, tokenizer, linears, replace, budget, calib, group_size, device, calib_samples,
                               seq_len, seed, damp, cost_fn, allocation=allocation, rounds=rounds, compensate=compensate,
-                              importance=importance, min_bits=min_bits, tied=tied,
+                              importance=importance, min_bits=min_bits, tied=tied, rotation_block=rotation_block,
+                              grid=grid,
                               save_measurement_to=save_measurement, load_measurement_from=load_measurement,
                               progress=progress)
     if method == "gptq":
@@ -251,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--float-embeddings", action="store_true",
                    help="xbit: keep the embedding table and output head in float, as GPTQ does (default: they are "
                         "candidates for bits like every other weight)")
+    p.add_argument("--rotation-block", type=int, default=MAX_BLOCK,
+                   help="xbit: largest block of the random-sign Hadamard rotation of each decoder-block linear's "
+                        f"inputs, a power of two (default {MAX_BLOCK}; 0: no rotation)")
+    p.add_argument("--grid", default="mse", choices=GRIDS,
+                   help="xbit: fit each group's grid to minimise its squared error by clipping its range (mse, "
+                        "default) or span the range (minmax, as the rtn and gptq baselines do)")
     p.add_argument("--save-measurement", help="xbit: save calibration statistics and column errors (safetensors)")
     p.add_argument("--load-measurement", help="xbit: reuse a saved measurement (same model and group size)")
     p.add_argument("--out", help="output checkpoint folder (omit to only report)")
@@ -333,6 +346,8 @@ def run(args) -> int:
         raise UsageError("--rounds must be >= 1")
     if not 0 <= args.min_bits <= MAX_BITS:
         raise UsageError(f"--min-bits must be 0..{MAX_BITS}")
+    if args.rotation_block < 0 or args.rotation_block & (args.rotation_block - 1):
+        raise UsageError(f"--rotation-block must be 0 or a power of two, got {args.rotation_block}")
     if args.load_measurement and not Path(args.load_measurement).is_file():
         raise UsageError(f"--load-measurement {args.load_measurement} not found")
     calib = None
@@ -374,7 +389,8 @@ def run(args) -> int:
                                             allocation=args.allocation, rounds=args.rounds,
                                             compensate=not args.no_compensate, save_measurement=args.save_measurement,
                                             load_measurement=args.load_measurement, importance=args.importance,
-                                            min_bits=args.min_bits, quantize_embeddings=not args.float_embeddings)
+                                            min_bits=args.min_bits, quantize_embeddings=not args.float_embeddings,
+                                            rotation_block=args.rotation_block, grid=args.grid)
     report.update(model=model_id, target_bytes=size, target_bits=args.bits, match=args.match)
     if not lead:
         return 0

@@ -1,4 +1,4 @@
-"""Round-to-nearest: every column on its group's min-max grid, no error compensation."""
+"""Round-to-nearest: every column on its group's grid (min-max unless asked), no error compensation."""
 
 import torch
 
@@ -6,7 +6,8 @@ from .format import assemble, segments_of
 from .grid import fit_grid, quantize_codes
 
 
-def quantize_weight_rtn(weight: torch.Tensor, bits: torch.Tensor, perm: torch.Tensor, group_size: int) -> dict:
+def quantize_weight_rtn(weight: torch.Tensor, bits: torch.Tensor, perm: torch.Tensor, group_size: int,
+                        grid: str = "minmax") -> dict:
     """weight [out, in] float -> stored tensors of an x-bit layer with the given per-column bits and order."""
     w = weight.float()
     perm = perm.long()
@@ -18,7 +19,7 @@ def quantize_weight_rtn(weight: torch.Tensor, bits: torch.Tensor, perm: torch.Te
         seg_codes, seg_scales, seg_zeros = [], [], []
         for g0 in range(0, seg.cols, group_size):
             block = cols[:, g0 : g0 + group_size]
-            scale, zero = fit_grid(block, seg.bits)
+            scale, zero = fit_grid(block, seg.bits, grid)
             seg_codes.append(quantize_codes(block, scale[:, None], zero[:, None], seg.bits))
             seg_scales.append(scale)
             seg_zeros.append(zero)

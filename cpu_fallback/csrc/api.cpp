@@ -1,6 +1,9 @@
 // C ABI of the x-bit CPU kernels (loaded with ctypes; see cpu_fallback/__init__.py): ISA detection, the
 // permute-and-pad of x, the per-group sums of x, and the OpenMP split of the output columns.
+#include <cmath>
 #include <cstdlib>
+#include <memory>
+#include <utility>
 #include <vector>
 
 #ifdef _OPENMP
@@ -11,7 +14,7 @@
 
 namespace {
 
-enum Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+enum Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Vnni = 3 };
 
 bool isa_supported(int isa) {
   if (isa == kScalar) return true;
@@ -19,7 +22,13 @@ bool isa_supported(int isa) {
   __builtin_cpu_init();
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   if (isa == kAvx2) return avx2;
-  if (isa == kAvx512) return avx2 && __builtin_cpu_supports("avx512f");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f");
+  if (isa == kAvx512) return avx512;
+#if !defined(XBIT_NO_VNNI)  // (set by setup.py when the compiler could not build kernel_avx512vnni.cpp)
+  if (isa == kAvx512Vnni)  // vpdpbusd, plus vpmultishiftqb / vpermb (VBMI) and byte ops (BW)
+    return avx512 && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni") &&
+           __builtin_cpu_supports("avx512vbmi");
+#endif
 #endif
   return false;
 }
@@ -28,6 +37,9 @@ using RangeFn = void (*)(const xbit::Args&, int64_t, int64_t, int64_t, int);
 
 RangeFn range_fn(int isa) {
 #if defined(XBIT_HAVE_X86_SIMD)
+#if !defined(XBIT_NO_VNNI)
+  if (isa == kAvx512Vnni) return xbit::range_avx512vnni;
+#endif
   if (isa == kAvx512) return xbit::range_avx512;
   if (isa == kAvx2) return xbit::range_avx2;
 #endif
@@ -41,13 +53,31 @@ float bf16_to_float(uint16_t h) {
   return f;
 }
 
+// v <- H v / sqrt(n) in place: the orthonormal fast Walsh-Hadamard transform of n (a power of two) values, the
+// same Sylvester-ordered matrix as xbit/rotation.py builds.
+void hadamard_block(float* v, int n) {
+  for (int h = 1; h < n; h *= 2)
+    for (int i = 0; i < n; i += 2 * h)
+      for (int j = i; j < i + h; ++j) {
+        const float a = v[j], b = v[j + h];
+        v[j] = a + b;
+        v[j + h] = a - b;
+      }
+  const float norm = 1.0f / std::sqrt(float(n));
+  for (int j = 0; j < n; ++j) v[j] *= norm;
+}
+
 }  // namespace
 
 extern "C" {
 
 int xbit_cpu_isa_supported(int isa) { return isa_supported(isa) ? 1 : 0; }
 
-int xbit_cpu_best_isa(void) { return isa_supported(kAvx512) ? kAvx512 : isa_supported(kAvx2) ? kAvx2 : kScalar; }
+int xbit_cpu_best_isa(void) {
+  for (int isa : {kAvx512Vnni, kAvx512, kAvx2})
+    if (isa_supported(isa)) return isa;
+  return kScalar;
+}
 
 int xbit_cpu_openmp(void) {
 #ifdef _OPENMP
@@ -59,12 +89,15 @@ int xbit_cpu_openmp(void) {
 
 // y[M, N] float32 = x[M, K] (float32, or bfloat16 when x_bf16) @ W.T, W in the x-bit format.
 // seg_table: nseg rows of (bits, start, cols, word_start, group_start, xoff) for the segments with bits > 0;
-// Kp: total padded columns (sum of segment columns rounded up to 32). Returns 0, or < 0 on bad arguments.
+// Kp: total padded columns (sum of segment columns rounded up to 32). signs (float32 [K], or null) and rot_block:
+// a layer stored in a rotated basis (xbit/rotation.py) multiplies R^T x, computed here first.
+// Returns 0, or < 0 on bad arguments.
 int xbit_cpu_matmul(int isa, int threads, const void* x, int x_bf16, int64_t M, int64_t K, const int32_t* perm,
                     const int32_t* qweight, const uint16_t* scales, const uint16_t* zeros, int64_t N,
                     const int32_t* seg_table, int32_t nseg, int32_t group_size, int64_t ngroups, int64_t Kp,
-                    float* y) {
+                    const float* signs, int32_t rot_block, float* y) {
   if (group_size <= 0 || group_size % xbit::kBlock != 0) return -1;
+  if (signs && (rot_block < 1 || (rot_block & (rot_block - 1)) || K % rot_block)) return -4;
   if (!isa_supported(isa)) return -2;
   if (threads < 1) threads = 1;
   std::vector<xbit::Seg> segs(nseg);
@@ -73,9 +106,21 @@ int xbit_cpu_matmul(int isa, int threads, const void* x, int x_bf16, int64_t M, 
     if (r[0] < 1 || r[0] > 8) return -3;
     segs[i] = {r[0], r[2], r[3], r[4], r[5]};
   }
-  std::vector<float> xp(size_t(M * Kp)), gsum(size_t(M * ngroups));
-  const xbit::Args a{xp.data(), gsum.data(), qweight, scales, zeros, segs.data(), y, N, Kp, ngroups, nseg, group_size};
+  // every element of these is written below (padding included): no value-initialisation
+  std::unique_ptr<float[]> xp(new float[size_t(M * Kp)]), gsum(new float[size_t(M * ngroups)]);
+  xbit::Args a{xp.get(), gsum.get(), qweight, scales, zeros, segs.data(), y, N, Kp, ngroups, nseg, group_size};
+  // the VNNI GEMV also wants x quantized to bytes; larger batches and huge groups take the float kernels
+  const bool vnni = isa == kAvx512Vnni && M <= 4 && group_size <= xbit::kVnniMaxGroup;
+  std::unique_ptr<int8_t[]> xq(vnni ? new int8_t[size_t(M * Kp / xbit::kBlock * 128)] : nullptr);
+  std::unique_ptr<float[]> xs(vnni ? new float[size_t(2 * M * ngroups)] : nullptr);
+  if (vnni) a.xq = xq.get(), a.xs = xs.get();
   const RangeFn fn = range_fn(isa);
+
+  // Gather items: one group of one row each (segment, first column), so a batch-1 call splits them too.
+  std::vector<std::pair<int, int>> groups;
+  for (int i = 0; i < nseg; ++i)
+    for (int c0 = 0; c0 < seg_table[6 * i + 2]; c0 += group_size) groups.emplace_back(i, c0);
+  const int64_t ng = int64_t(groups.size());
 
   // Work items: contiguous column ranges, a multiple of the thread count so the split stays even; for the GEMM
   // at most ~512 columns each, so one item's output rows stay in cache.
@@ -85,30 +130,50 @@ int xbit_cpu_matmul(int isa, int threads, const void* x, int x_bf16, int64_t M, 
   int64_t width = ((N + items - 1) / items + 15) / 16 * 16;
   items = (N + width - 1) / width;
 
+  // a rotated layer gathers from R^T x (float32) instead of x
+  std::unique_ptr<float[]> xr(signs ? new float[size_t(M * K)] : nullptr);
+  const int64_t nrot = signs ? M * (K / rot_block) : 0;
+  const void* xin = signs ? static_cast<const void*>(xr.get()) : x;
+  const int in_bf16 = signs ? 0 : x_bf16;
+
 #pragma omp parallel num_threads(threads)
   {
 #pragma omp for schedule(static)
-    for (int64_t m = 0; m < M; ++m) {  // gather x into storage order, zero padding, sum each group
-      float* row = xp.data() + m * Kp;
-      for (int64_t k = 0; k < Kp; ++k) row[k] = 0.0f;
-      for (int64_t n = 0; n < N; ++n) y[m * N + n] = 0.0f;
-      for (int i = 0; i < nseg; ++i) {
-        const int32_t* r = seg_table + 6 * i;
-        const int32_t start = r[1], cols = r[2], g0 = r[4], xoff = r[5];
-        for (int c = 0; c < cols; ++c) {
-          const int64_t src = m * K + perm[start + c];
-          row[xoff + c] = x_bf16 ? bf16_to_float(static_cast<const uint16_t*>(x)[src]) : static_cast<const float*>(x)[src];
-        }
-        for (int c0 = 0, g = g0; c0 < cols; c0 += group_size, ++g) {
-          double s = 0.0;  // double: zero * gsum is subtracted from the code dot product
-          for (int c = c0; c < cols && c < c0 + group_size; ++c) s += row[xoff + c];
-          gsum[m * ngroups + g] = float(s);
-        }
+    for (int64_t it = 0; it < nrot; ++it) {  // one block of one row each
+      const int64_t m = it / (K / rot_block), k0 = (it % (K / rot_block)) * rot_block;
+      float* v = xr.get() + m * K + k0;
+      for (int j = 0; j < rot_block; ++j) {
+        const int64_t src = m * K + k0 + j;
+        v[j] = (x_bf16 ? bf16_to_float(static_cast<const uint16_t*>(x)[src]) : static_cast<const float*>(x)[src]) *
+               signs[k0 + j];
       }
+      hadamard_block(v, rot_block);
+    }
+#pragma omp for schedule(static)
+    for (int64_t it = 0; it < M * ng; ++it) {  // gather x into storage order, zero padding, sum each group
+      const int64_t m = it / ng;
+      const int i = groups[it % ng].first, c0 = groups[it % ng].second;
+      const int32_t* r = seg_table + 6 * i;
+      const int32_t start = r[1], cols = r[2], xoff = r[5], g = r[4] + c0 / group_size;
+      const int c1 = cols < c0 + group_size ? cols : c0 + group_size;
+      float* row = xp.get() + m * Kp + xoff;
+      double sum = 0.0;  // double: zero * gsum is subtracted from the code dot product
+      for (int c = c0; c < c1; ++c) {
+        const int64_t src = m * K + perm[start + c];
+        row[c] = in_bf16 ? bf16_to_float(static_cast<const uint16_t*>(xin)[src]) : static_cast<const float*>(xin)[src];
+        sum += row[c];
+      }
+      gsum[m * ngroups + g] = float(sum);
+      if (c1 == cols)
+        for (int c = cols; c % xbit::kBlock != 0; ++c) row[c] = 0.0f;
+#if defined(XBIT_HAVE_X86_SIMD) && !defined(XBIT_NO_VNNI)
+      if (vnni) xbit::quantize_group_vnni(a, m, segs[i], c0 / xbit::kBlock, g, xq.get(), xs.get());
+#endif
     }
 #pragma omp for schedule(static)
     for (int64_t it = 0; it < items; ++it) {
       const int64_t n0 = it * width, n1 = n0 + width < N ? n0 + width : N;
+      for (int64_t m = 0; m < M; ++m) std::memset(y + m * N + n0, 0, sizeof(float) * (n1 - n0));
       for (int64_t m0 = 0; m0 < M; m0 += xbit::kMaxRows)
         fn(a, n0, n1, m0, int(M - m0 < xbit::kMaxRows ? M - m0 : xbit::kMaxRows));
     }

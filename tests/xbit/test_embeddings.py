@@ -37,7 +37,8 @@ def test_lookup_and_tied_head_match_the_reference():
     assert (emb(ids) - w[ids]).abs().mean() < w.abs().mean()  # a real quantization of w, not noise
     x = torch.randn(3, 96)
     want = reference_matmul(x, t["qweight"], t["scales"], t["zeros"], t["perm"], t["bits"], 32)
-    torch.testing.assert_close(XbitTiedHead(emb)(x), want, rtol=1e-4, atol=1e-4)
+    got = XbitTiedHead(emb)(x)  # through dispatch: the CPU kernel's GEMV may round x to ~15 bits (1e-4, in norm)
+    assert ((got - want).norm() / want.norm()).item() < 1e-4
     assert emb.half()(ids).dtype == torch.float16 and emb.scales.dtype == torch.float16
 
 

@@ -1,0 +1,51 @@
+"""Group grids: the min-max fit of the baselines and xbit's squared-error fit (clip search)."""
+
+import pytest
+import torch
+
+from xbit.grid import CLIP_FACTORS, dequantize_codes, fit_grid, fit_minmax, quantize_codes
+
+
+def row_errors(w, scale, zero, bits):
+    q = dequantize_codes(quantize_codes(w, scale[:, None], zero[:, None], bits), scale[:, None], zero[:, None])
+    return (w - q).pow(2).sum(dim=1)
+
+
+def heavy_tailed(rows=200, cols=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.distributions.StudentT(4.0).sample((rows, cols)) + 0.1 * torch.randn(rows, 1, generator=g)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_mse_grid_is_the_best_candidate_range_for_every_row(bits):
+    torch.manual_seed(bits)
+    w = heavy_tailed()
+    scale, zero = fit_grid(w, bits, "mse")
+    got = row_errors(w, scale, zero, bits)
+    for f in CLIP_FACTORS:  # brute force: every candidate range, one at a time
+        lo, hi = w.min(dim=1).values * f, w.max(dim=1).values * f
+        s, z = fit_minmax(torch.stack([lo, hi], dim=1), bits)
+        assert (got <= row_errors(w, s, z, bits) + 1e-6).all()
+    assert (got <= row_errors(w, *fit_grid(w, bits, "minmax"), bits) + 1e-6).all()  # f = 1 is a candidate
+
+
+@pytest.mark.parametrize("bits, gain", [(2, 0.7), (3, 0.85)])
+def test_mse_grid_pays_at_low_bits(bits, gain):
+    torch.manual_seed(0)
+    w = heavy_tailed()
+    mse = row_errors(w, *fit_grid(w, bits, "mse"), bits).sum()
+    minmax = row_errors(w, *fit_grid(w, bits, "minmax"), bits).sum()
+    assert mse < gain * minmax
+
+
+def test_mse_grid_values_are_float16_and_codes_in_range():
+    w = heavy_tailed(rows=16)
+    scale, zero = fit_grid(w, 3, "mse")
+    assert torch.equal(scale, scale.half().float()) and torch.equal(zero, zero.half().float())
+    codes = quantize_codes(w, scale[:, None], zero[:, None], 3)
+    assert codes.min() >= 0 and codes.max() <= 7
+
+
+def test_unknown_grid_is_refused():
+    with pytest.raises(ValueError, match="unknown grid 'l1'"):
+        fit_grid(torch.randn(4, 8), 3, "l1")

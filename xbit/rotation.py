@@ -1,0 +1,76 @@
+"""Incoherence processing: a random-sign block Hadamard rotation of a linear layer's input features.
+
+y = W x = (W R)(R^T x) with R = diag(s) B: s random signs, B block-diagonal with normalised Hadamard blocks of
+size `block` (the largest power of two dividing in_features, at most `max_block`). The rotated weight W R has no
+outlier columns, and the rotated input R^T x no massive activation dimension, so every group's grid fits its
+values far better at 2-3 bits (QuIP#, QuaRot). The layer is quantized as W R; at run time its input goes through
+R^T first. Stored cost: the signs, one bit per input feature.
+
+B is symmetric, so R^T v = B (s * v) for a column vector, and the rows of W R are R^T applied to the rows of W:
+one function, `rotate`, serves both.
+"""
+
+import functools
+import zlib
+
+import torch
+
+MAX_BLOCK = 512
+
+
+def block_size(in_features: int, max_block: int = MAX_BLOCK) -> int:
+    """The largest power of two dividing in_features, at most max_block."""
+    b = 1
+    while in_features % (2 * b) == 0 and 2 * b <= max_block:
+        b *= 2
+    return b
+
+
+@functools.lru_cache(maxsize=32)
+def _hadamard(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return (h / n**0.5).to(dtype=dtype, device=device)
+
+
+def rotate(x: torch.Tensor, signs: torch.Tensor, block: int) -> torch.Tensor:
+    """R^T x along the last dimension of x; signs: +-1 [in] in x's dtype (or any float dtype)."""
+    k = x.shape[-1]
+    y = (x * signs.to(x.dtype)).reshape(*x.shape[:-1], k // block, block)
+    return (y @ _hadamard(block, x.dtype, x.device)).reshape(x.shape)
+
+
+def random_signs(in_features: int, name: str, seed: int = 0) -> torch.Tensor:
+    """+-1 float32 [in], reproducible from the layer's name and the seed."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    return torch.randint(0, 2, (in_features,), generator=gen).float() * 2 - 1
+
+
+def pack_signs(signs: torch.Tensor) -> torch.Tensor:
+    """+-1 [in] -> uint8 [ceil(in/8)], bit i%8 of byte i//8 set where the sign is negative."""
+    neg = (signs < 0).to(torch.uint8)
+    pad = (-neg.numel()) % 8
+    neg = torch.cat([neg, neg.new_zeros(pad)]).reshape(-1, 8)
+    weights = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8, device=neg.device)
+    return (neg * weights).sum(1).to(torch.uint8)
+
+
+def unpack_signs(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """uint8 [ceil(in/8)] -> +-1 float32 [in]."""
+    shifts = torch.arange(8, device=packed.device)
+    neg = (packed.long()[:, None] >> shifts) & 1
+    return 1.0 - 2.0 * neg.reshape(-1)[:in_features].float()
+
+
+def signs_bytes(in_features: int) -> int:
+    return -(-in_features // 8)
+
+
+def rotate_linear(linear: torch.nn.Linear, signs: torch.Tensor, block: int):
+    """Turns a float nn.Linear into the same function computed in the rotated basis: weight W R, input R^T x (a
+    forward pre-hook, so every statistic and gradient hook sees the rotated input). Returns the hook's handle."""
+    w = linear.weight.data
+    linear.weight.data = rotate(w.float(), signs.to(w.device), block).to(w.dtype)
+    s = signs.to(w.device)
+    return linear.register_forward_pre_hook(lambda m, args: (rotate(args[0], s, block), *args[1:]))
