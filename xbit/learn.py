@@ -122,8 +122,8 @@ def learn_allocation(model, problem, solve, budget, linears, held_out_ids, cost_
     best, history = None, []
     for r in tqdm(range(rounds), desc="learning allocation", disable=not progress):
         bits = solve(problem, budget, weights)
-        deltas = {n: quantized_delta(linears[n].weight, bits[n].to(linears[n].weight.device), problem.group_size, grid)
-                  for n in problem.names}
+        deltas = {n: quantized_delta(linears[n].weight, bits[n].to(linears[n].weight.device), problem.group_size,
+                                     grid) for n in problem.names}
         cost, grad = cost_and_gradient(model, linears, deltas, held_out_ids, ref, cost_fn, batch_size, tied_heads)
         history.append({"round": r, "cost": cost, "bytes": problem.exact_bytes(torch.cat(list(bits.values())))})
         if best is None or cost < best[0]:

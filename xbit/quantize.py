@@ -20,9 +20,9 @@ from .hf import layer_spec, set_submodule
 from .modules import XbitEmbedding, XbitLinear, XbitTiedHead
 from .calibrate import calibration_ids, decoder_layers_path, init_distributed, run_blocks
 from .gptq import act_order, quantize_weight_gptq
+from .grid import GRIDS
 from .learn import resolve_cost
 from .method_xbit import ALLOCATIONS, quantize_xbit
-from .grid import GRIDS
 from .rotation import MAX_BLOCK
 from .rtn import quantize_weight_rtn
 from .sizes import float_component_bytes, float_linear_bytes, parse_size, plan_bytes, uniform_counts
