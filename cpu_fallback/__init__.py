@@ -104,7 +104,7 @@ def matmul(x: torch.Tensor, layer, threads: int | None = None, isa: str | None =
     y = torch.empty(x2.shape[0], n, dtype=torch.float32)
     qweight, scales, zeros = (t.contiguous() for t in (layer.qweight, layer.scales, layer.zeros))
     rot_block = getattr(layer, "rotation_block", 0)  # a rotated layer: R^T x is computed in the kernel
-    signs = layer.signs().float().contiguous() if rot_block else None
+    signs = layer.signs() if rot_block else None  # float32 [K], contiguous
     if x2.shape[0] > 0 and n > 0:
         rc = _LIB.xbit_cpu_matmul(
             _isa(isa), _threads(threads, x2.shape[0] * n * plan.kp), x2.data_ptr(), int(x2.dtype == torch.bfloat16), x2.shape[0], k,

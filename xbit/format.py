@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .rotation import signs_bytes
+
 FORMAT_VERSION = 2  # 2: optional rot_signs (rotated layers); version 1 checkpoints read the same way
 READABLE_VERSIONS = (1, 2)
 MAX_BITS = 8
@@ -94,7 +96,7 @@ def layer_shapes(out_features: int, in_features: int, counts: list[int], group_s
         "bits": ((in_features,), torch.uint8),
     }
     if rotation_block:
-        shapes["rot_signs"] = ((-(-in_features // 8),), torch.uint8)
+        shapes["rot_signs"] = ((signs_bytes(in_features),), torch.uint8)
     return shapes
 
 

@@ -64,7 +64,8 @@ def measure(model, linears: dict, ids: torch.Tensor, device, group_size: int, pr
             out[name] = {"h_diag": ones.cpu(), "err": column_errors(w, ones, group_size, grid).cpu()}
         else:
             diag = h_head.diagonal().clone()
-            out[name] = {"h_diag": diag.cpu(), "h": h_head.cpu(), "err": column_errors(w, diag, group_size, grid).cpu()}
+            err = column_errors(w, diag, group_size, grid)
+            out[name] = {"h_diag": diag.cpu(), "h": h_head.cpu(), "err": err.cpu()}
     return out
 
 

@@ -26,7 +26,7 @@ class XbitLinear(nn.Module):
             raise ValueError(f"rotation block {rotation_block} must be a power of two dividing {in_features}")
         self.in_features, self.out_features = in_features, out_features
         self.counts, self.group_size, self.rotation_block = list(counts), group_size, rotation_block
-        self._signs = None  # rot_signs unpacked to +-1 floats, made on first use
+        self._signs = (None, None)  # (key of rot_signs, its +-1 floats): unpacked on first use
         for name, (shape, tdtype) in layer_shapes(out_features, in_features, counts, group_size,
                                                   rotation_block).items():
             self.register_buffer(name, torch.zeros(shape, dtype=tdtype, device=device))
@@ -50,7 +50,6 @@ class XbitLinear(nn.Module):
     def _copy_tensors(self, tensors: dict):
         for name, t in tensors.items():
             getattr(self, name).copy_(t)
-        self._signs = None
 
     def _apply(self, fn, recurse=True):
         # model.float() / .half() must move the format tensors but never change their stored dtypes
@@ -65,13 +64,15 @@ class XbitLinear(nn.Module):
         return dispatch.matmul(x, self)
 
     def signs(self) -> torch.Tensor:
-        """The input rotation's signs as +-1 float32 [in] (rotated layers only)."""
-        if self._signs is None or self._signs.device != self.rot_signs.device:
-            self._signs = unpack_signs(self.rot_signs, self.in_features)
-        return self._signs
+        """The input rotation's signs as +-1 float32 [in] (rotated layers only); unpacked again whenever rot_signs
+        is replaced, moved or written in place (load_state_dict)."""
+        key = (self.rot_signs.data_ptr(), self.rot_signs._version, self.rot_signs.device)
+        if self._signs[0] != key:
+            self._signs = (key, unpack_signs(self.rot_signs, self.in_features))
+        return self._signs[1]
 
     def stored_bytes(self) -> int:
-        names = ("qweight", "scales", "zeros", "perm", "bits") + (("rot_signs",) if self.rotation_block else ())
+        names = layer_shapes(self.out_features, self.in_features, self.counts, self.group_size, self.rotation_block)
         n = sum(getattr(self, k).numel() * getattr(self, k).element_size() for k in names)
         return n + (self.bias.numel() * self.bias.element_size() if self.bias is not None else 0)
 

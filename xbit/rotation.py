@@ -70,7 +70,6 @@ def signs_bytes(in_features: int) -> int:
 def rotate_linear(linear: torch.nn.Linear, signs: torch.Tensor, block: int):
     """Turns a float nn.Linear into the same function computed in the rotated basis: weight W R, input R^T x (a
     forward pre-hook, so every statistic and gradient hook sees the rotated input). Returns the hook's handle."""
-    w = linear.weight.data
-    linear.weight.data = rotate(w.float(), signs.to(w.device), block).to(w.dtype)
-    s = signs.to(w.device)
+    w, s = linear.weight.data, signs.to(linear.weight.device)
+    linear.weight.data = rotate(w.float(), s, block).to(w.dtype)
     return linear.register_forward_pre_hook(lambda m, args: (rotate(args[0], s, block), *args[1:]))

@@ -53,6 +53,11 @@ float bf16_to_float(uint16_t h) {
   return f;
 }
 
+// Element i of x, float32 or bfloat16.
+float load_x(const void* x, int x_bf16, int64_t i) {
+  return x_bf16 ? bf16_to_float(static_cast<const uint16_t*>(x)[i]) : static_cast<const float*>(x)[i];
+}
+
 // v <- H v / sqrt(n) in place: the orthonormal fast Walsh-Hadamard transform of n (a power of two) values, the
 // same Sylvester-ordered matrix as xbit/rotation.py builds.
 void hadamard_block(float* v, int n) {
@@ -142,11 +147,7 @@ int xbit_cpu_matmul(int isa, int threads, const void* x, int x_bf16, int64_t M, 
     for (int64_t it = 0; it < nrot; ++it) {  // one block of one row each
       const int64_t m = it / (K / rot_block), k0 = (it % (K / rot_block)) * rot_block;
       float* v = xr.get() + m * K + k0;
-      for (int j = 0; j < rot_block; ++j) {
-        const int64_t src = m * K + k0 + j;
-        v[j] = (x_bf16 ? bf16_to_float(static_cast<const uint16_t*>(x)[src]) : static_cast<const float*>(x)[src]) *
-               signs[k0 + j];
-      }
+      for (int j = 0; j < rot_block; ++j) v[j] = load_x(x, x_bf16, m * K + k0 + j) * signs[k0 + j];
       hadamard_block(v, rot_block);
     }
 #pragma omp for schedule(static)
@@ -159,8 +160,7 @@ int xbit_cpu_matmul(int isa, int threads, const void* x, int x_bf16, int64_t M, 
       float* row = xp.get() + m * Kp + xoff;
       double sum = 0.0;  // double: zero * gsum is subtracted from the code dot product
       for (int c = c0; c < c1; ++c) {
-        const int64_t src = m * K + perm[start + c];
-        row[c] = in_bf16 ? bf16_to_float(static_cast<const uint16_t*>(xin)[src]) : static_cast<const float*>(xin)[src];
+        row[c] = load_x(xin, in_bf16, m * K + perm[start + c]);
         sum += row[c];
       }
       gsum[m * ngroups + g] = float(sum);

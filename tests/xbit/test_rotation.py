@@ -57,6 +57,16 @@ def test_rotated_layer_computes_the_original_product(monkeypatch):
     assert layer.stored_bytes() == sum(v.numel() * v.element_size() for v in t.values()) + signs_bytes(k)
 
 
+def test_signs_follow_a_state_dict_loaded_after_first_use():
+    k, block = 64, 64
+    t = quantize_weight_rtn(torch.randn(8, k), torch.full((k,), 4, dtype=torch.uint8), torch.arange(k), 32)
+    a = XbitLinear.from_tensors({**t, "rot_signs": pack_signs(random_signs(k, "a"))}, None, 32, block).float()
+    b = XbitLinear.from_tensors({**t, "rot_signs": pack_signs(random_signs(k, "b"))}, None, 32, block).float()
+    assert not torch.equal(a.signs(), b.signs())
+    a.load_state_dict(b.state_dict())  # in place: same storage, new values
+    assert torch.equal(a.signs(), b.signs())
+
+
 def test_rotation_removes_the_outlier_error_at_three_bits():
     """A weight with a few huge columns fed by massive activation dimensions (what real LLM layers look like):
     3-bit rounding in the rotated basis has a much smaller output error than in the original basis."""
