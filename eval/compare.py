@@ -194,6 +194,7 @@ def run_cell(ref_model, tok, method: str, target: str, target_bytes: int | None,
             raise RuntimeError(f"{key}: {report['checkpoint_bytes']} bytes exceed the target {target_bytes}")
         cell.update({k: report[k] for k in ("checkpoint_bytes", "bits_per_weight_total", "bits_per_weight_layers")})
         cell["code_bits"] = report.get("code_bits")
+        cell["learning"] = {k: report[k] for k in ("min_bits", "rounds", "best_cost") if k in report}
         cell["quantize_seconds"] = round(time.time() - t0, 2)
         cell["layers"] = {n: {"counts": v["counts"], "bytes": v["bytes"], "out_features": v["out"]}
                           for n, v in report["layers"].items()}

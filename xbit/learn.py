@@ -6,7 +6,8 @@ gradient, so near the current allocation C ~ sum_l a_l * t_l^2 * E_l, where E_l 
 (sum_j E[x_j^2] ||w_j - q_j||^2). Backpropagation gives g_l = dC/dt_l at t = 1, hence the sensitivity
 a_l = g_l / (2 E_l). The joint Lagrangian solve (xbit.allocate) then re-allocates every column of every layer
 with those weights; a few rounds of measure-gradient-resolve (a Gauss-Newton step on the budgets) keep the
-allocation with the lowest measured cost.
+allocation with the lowest measured cost. Q is what the final quantizer makes of the layer (GPTQ-compensated by
+default): scoring plain rounding instead favoured allocations that compensation then made worse than uniform.
 """
 
 import importlib
@@ -15,9 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
-
-from .format import MAX_BITS
-from .grid import round_to_grid
 
 
 def kl_cost(logits, ref_logits, ids):
@@ -44,21 +42,6 @@ def resolve_cost(spec: str):
         except (ImportError, AttributeError) as e:
             raise ValueError(f"cannot import cost {spec}: {e}") from None
     raise ValueError(f"unknown cost {spec!r}: use kl, ce or module:function")
-
-
-def quantized_delta(weight: torch.Tensor, bits: torch.Tensor, group_size: int, grid: str = "minmax") -> torch.Tensor:
-    """Q - W for per-column depths, with the proxy's grouping (consecutive original columns of equal depth)."""
-    w = weight.float()
-    delta = -w.clone()  # 0-bit columns: Q = 0
-    for b in range(1, MAX_BITS + 1):
-        cols = (bits == b).nonzero().flatten()
-        if cols.numel() == 0:
-            continue
-        sub = w[:, cols]
-        q = torch.cat([round_to_grid(sub[:, g0 : g0 + group_size], b, grid)
-                       for g0 in range(0, cols.numel(), group_size)], dim=1)
-        delta[:, cols] = q - sub
-    return delta
 
 
 class ErrorGates:
@@ -111,21 +94,25 @@ def cost_and_gradient(model, linears, deltas, ids, ref_logits, cost_fn, batch_si
     return total, gates.t.grad.detach().double()
 
 
-def learn_allocation(model, problem, solve, budget, linears, held_out_ids, cost_fn, rounds: int = 3,
-                     batch_size: int = 4, progress: bool = True, initial_weights=None, tied_heads=None,
-                     grid: str = "minmax"):
-    """Rounds of (allocate, measure cost and gradients, update sensitivities). Returns (bits, history)."""
+def learn_allocation(model, problem, solve, budget, linears, held_out_ids, cost_fn, delta_fn, rounds: int = 4,
+                     batch_size: int = 4, progress: bool = True, initial_weights=None, tied_heads=None, start=None):
+    """Rounds of (allocate, measure cost and gradients, update sensitivities). Returns (bits, history).
+
+    delta_fn(name, bits) -> Q - W of that layer as the final quantizer makes it (with error compensation, when
+    the run compensates: the cost must score the errors the checkpoint will have). `start`: an allocation scored
+    in round 0 instead of the solve (xbit passes the uniform one, so the result is never worse than uniform on the
+    held-out cost, and the first gradient is taken where the quantizer behaves as measured)."""
     for p in model.parameters():
         p.requires_grad_(False)
     ref = reference_logits(model, held_out_ids, batch_size)
     weights = torch.ones(len(problem.names), dtype=torch.float64) if initial_weights is None else initial_weights
     best, history = None, []
     for r in tqdm(range(rounds), desc="learning allocation", disable=not progress):
-        bits = solve(problem, budget, weights)
-        deltas = {n: quantized_delta(linears[n].weight, bits[n].to(linears[n].weight.device), problem.group_size,
-                                     grid) for n in problem.names}
+        bits = start if r == 0 and start is not None else solve(problem, budget, weights)
+        deltas = {n: delta_fn(n, bits[n]) for n in problem.names}
         cost, grad = cost_and_gradient(model, linears, deltas, held_out_ids, ref, cost_fn, batch_size, tied_heads)
-        history.append({"round": r, "cost": cost, "bytes": problem.exact_bytes(torch.cat(list(bits.values())))})
+        history.append({"round": r, "allocation": "start" if r == 0 and start is not None else "learned",
+                        "cost": cost, "bytes": problem.exact_bytes(torch.cat(list(bits.values())))})
         if best is None or cost < best[0]:
             best = (cost, bits, weights.clone())
         proxy = torch.tensor([problem.err[problem.layer_of == i].gather(1, bits[n].long()[:, None].cpu()).sum().item()

@@ -6,10 +6,13 @@
 1. Measure: calibration text through the float model block by block, E[x_j^2] per linear input; the real error
    of every column at every depth 0..8 (xbit.allocate.column_errors). Saved/loaded with --save/--load-measurement.
 2. Learn: budgets across layers from the gradient of the end-to-end cost on held-out tokens (xbit.learn), every
-   column's depth from the joint Lagrangian solve (xbit.allocate.solve), exact to the byte budget.
+   column's depth from the joint Lagrangian solve (xbit.allocate.solve), exact to the byte budget. Each round
+   scores the errors step 3 will make (GPTQ with the measured E[x x^T]); round 0 scores the uniform allocation.
 3. Quantize: block by block again, each layer with GPTQ-style compensation (xbit.gptq) at its per-column depths,
    low depths first so that finer columns absorb the coarse columns' error; or plain rounding (compensate=False).
 """
+
+import json
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -17,6 +20,7 @@ from torch import nn
 
 from .allocate import Problem, column_errors, solve, uniform_fraction
 from .calibrate import calibration_ids, decoder_layers_path, head_hessian, run_blocks, world
+from .format import dequantize
 from .gptq import quantize_weight_gptq
 from .learn import learn_allocation
 from .rotation import block_size, pack_signs, random_signs, rotate_linear, signs_bytes
@@ -35,8 +39,12 @@ def split_held_out(texts: list[str], fraction: float = 0.1) -> tuple[list[str], 
 
 
 def measure(model, linears: dict, ids: torch.Tensor, device, group_size: int, progress: bool,
-            tied: dict | None = None, grid: str = "mse") -> dict:
-    """{name: {"h_diag": E[x_j^2], "err": column errors [in, 9]}} from the float model.
+            tied: dict | None = None, grid: str = "mse", full_hessians: bool = True) -> dict:
+    """{name: {"h_diag": E[x_j^2], "err": column errors [in, 9], "h": E[x x^T]}} from the float model.
+
+    "h" (full_hessians) lets the learning rounds score GPTQ-compensated errors. Decoder-block layers keep it in
+    bfloat16 (the learning only compares allocations with it; the final quantization collects its own in float32),
+    one tensor for the layers that read the same input (q/k/v, gate/up).
 
     Layers outside the decoder blocks (regime a): the output head, and an input embedding tied to it, are measured
     on the head's input (the final norm of the last block's output; "h" keeps the full E[x x^T] for compensation).
@@ -47,14 +55,19 @@ def measure(model, linears: dict, ids: torch.Tensor, device, group_size: int, pr
     out = {}
 
     def record(index, block, hessians):
+        kept = []  # (float32, stored) pairs of this block: equal inputs give bit-equal sums
         for local, h in hessians.items():
             name = f"{prefix}.{index}.{local}"
             if name in linears:
-                diag = h  # diag_only: E[x_j^2]
+                diag = h.diagonal().clone() if full_hessians else h
                 err = column_errors(linears[name].weight, diag, group_size, grid)
                 out[name] = {"h_diag": diag.cpu(), "err": err.cpu()}
+                if full_hessians:
+                    same = [s for f, s in kept if torch.equal(f, h)]
+                    out[name]["h"] = same[0] if same else h.to(torch.bfloat16).cpu()
+                    kept += [] if same else [(h, out[name]["h"])]
 
-    hidden = run_blocks(model, ids, device, record, progress=progress, diag_only=True)
+    hidden = run_blocks(model, ids, device, record, progress=progress, diag_only=not full_hessians)
     outside = [n for n in linears if n not in out]
     h_head = head_hessian(model, hidden, device) if outside else None
     for name in outside:
@@ -70,8 +83,17 @@ def measure(model, linears: dict, ids: torch.Tensor, device, group_size: int, pr
 
 
 def save_measurement(path, measurement: dict, group_size: int, setup: str):
-    tensors = {f"{n}.{k}": v.contiguous() for n, d in measurement.items() for k, v in d.items()}
-    save_file(tensors, str(path), metadata={"format": "pt", "group_size": str(group_size), "setup": setup})
+    tensors, first, alias = {}, {}, {}  # a Hessian shared by several layers is stored once, under the first
+    for n, d in measurement.items():
+        for k, v in d.items():
+            if k == "h" and id(v) in first:
+                alias[n] = first[id(v)]
+                continue
+            if k == "h":
+                first[id(v)] = n
+            tensors[f"{n}.{k}"] = v.contiguous()
+    save_file(tensors, str(path), metadata={"format": "pt", "group_size": str(group_size), "setup": setup,
+                                            "h_alias": json.dumps(alias)})
 
 
 def load_measurement(path, linears: dict, group_size: int, setup: str) -> dict:
@@ -87,11 +109,14 @@ def load_measurement(path, linears: dict, group_size: int, setup: str) -> dict:
         raise ValueError(f"measurement {path} was made with {saved_setup}, this run uses {setup} "
                          "(see --rotation-block and --grid)")
     tensors = load_file(str(path))
+    alias = json.loads(meta.get("h_alias", "{}"))
     out = {}
     for n, lin in linears.items():
         if f"{n}.err" not in tensors or tensors[f"{n}.err"].shape[0] != lin.weight.shape[1]:
             raise ValueError(f"measurement {path} does not match this model (layer {n})")
         out[n] = {k: tensors[f"{n}.{k}"] for k in ("h_diag", "err", "h") if f"{n}.{k}" in tensors}
+        if n in alias:
+            out[n]["h"] = tensors[f"{alias[n]}.h"]
     return out
 
 
@@ -115,27 +140,57 @@ def tempered_errors(measurement: dict, importance: float) -> dict:
     return out
 
 
+def final_deltas(linears: dict, measurement: dict, group_size: int, damp: float, grid: str, compensate: bool):
+    """delta(name, bits) -> Q - W as the final quantization will make it at those depths: the same storage order
+    and grids, GPTQ-compensated with the measured E[x x^T] when the run compensates (layers without one, such as
+    an untied embedding whose input is one-hot, are rounded, as they will be)."""
+
+    def delta(name, bits):
+        w = linears[name].weight
+        bits = bits.to(w.device)
+        perm = storage_order(bits, measurement[name]["h_diag"])
+        h = measurement[name].get("h")
+        if compensate and h is not None:
+            t = quantize_weight_gptq(w, h.to(w.device), bits, perm, group_size, damp, grid=grid)
+        else:
+            t = quantize_weight_rtn(w, bits, perm, group_size, grid)
+        return dequantize(t["qweight"], t["scales"], t["zeros"], t["perm"], t["bits"], group_size) - w.float()
+
+    return delta
+
+
+DEFAULT_MIN_BITS = 2  # 1-bit columns rarely pay; below the size where every column has 2 bits they must
+
+
 def allocate(model, linears, measurement, budget, group_size, allocation, held_out_ids, cost_fn, rounds,
-             progress, importance: float = 0.5, min_bits: int = 2, tied_heads: dict | None = None,
-             grid: str = "mse"):
+             progress, importance: float = 0.5, min_bits: int | None = None, tied_heads: dict | None = None,
+             delta_fn=None):
+    """(bits per layer, report extras). min_bits None: DEFAULT_MIN_BITS, lowered until the budget can be met."""
     err = tempered_errors(measurement, importance)
-    problem = Problem({n: (err[n], linears[n].weight.shape[0]) for n in linears}, group_size,
-                      allowed=range(min_bits, 9))
+    for floor in [min_bits] if min_bits is not None else range(DEFAULT_MIN_BITS, -1, -1):
+        problem = Problem({n: (err[n], linears[n].weight.shape[0]) for n in linears}, group_size,
+                          allowed=range(floor, 9))
+        if problem.exact_bytes(problem.choose(1e30, torch.ones(len(linears)))) <= budget:
+            break
+    uniform = uniform_fraction(problem, budget, {n: measurement[n]["h_diag"] for n in linears})
     if allocation == "uniform":
-        return uniform_fraction(problem, budget, {n: measurement[n]["h_diag"] for n in linears}), {}
+        return uniform, {"min_bits": floor}
     # each layer's errors relative to its output energy (its error with every column at 0 bits): scale-free
     energy = torch.tensor([err[n][:, 0].double().sum().item() for n in linears], dtype=torch.float64)
     weights = 1.0 / energy.clamp(min=1e-30)
     if allocation == "proxy":
-        return solve(problem, budget, weights), {}
-    return learn_allocation(model, problem, solve, budget, linears, held_out_ids, cost_fn, rounds=rounds,
-                            progress=progress, initial_weights=weights, tied_heads=tied_heads, grid=grid)
+        return solve(problem, budget, weights), {"min_bits": floor}
+    bits, learned = learn_allocation(model, problem, solve, budget, linears, held_out_ids, cost_fn, delta_fn,
+                                     rounds=rounds, progress=progress, initial_weights=weights,
+                                     tied_heads=tied_heads, start=uniform)
+    return bits, {"min_bits": floor, **learned}
 
 
 def quantize_xbit(model, tokenizer, linears: dict, replace, budget: int, texts: list[str], group_size: int, device,
                   calib_samples: int, seq_len: int, seed: int, damp: float, cost_fn, allocation: str = "learned",
-                  rounds: int = 3, compensate: bool = True, held_out_samples: int = 16,
-                  importance: float = 0.5, min_bits: int = 2, tied: dict | None = None, rotation_block: int = 0,
+                  rounds: int = 4, compensate: bool = True, held_out_samples: int = 16,
+                  importance: float = 0.5, min_bits: int | None = None, tied: dict | None = None,
+                  rotation_block: int = 0,
                   grid: str = "mse", save_measurement_to=None, load_measurement_from=None, progress: bool = True):
     """Quantizes every layer in `linears`, handing its stored tensors to replace(name, module, tensors, block):
     layers of the decoder blocks inside their block (so later blocks calibrate on quantized inputs), the embeddings
@@ -153,24 +208,33 @@ def quantize_xbit(model, tokenizer, linears: dict, replace, budget: int, texts: 
                 continue
             block = block_size(lin.in_features, rotation_block)
             if block > 1:  # (a block of 1 would only flip signs)
-                rotated[name] = (random_signs(lin.in_features, name, seed), block)
+                # one draw per block and width: layers reading one input (q/k/v, gate/up) see it rotated alike,
+                # so they still share one E[x x^T]
+                key = f"{prefix}.{name[len(prefix) + 1:].split('.')[0]}"
+                rotated[name] = (random_signs(lin.in_features, key, seed), block)
                 rotate_linear(lin, *rotated[name])
         budget -= sum(signs_bytes(linears[n].in_features) for n in rotated)
-    basis = f"Hadamard basis (blocks <= {rotation_block}, seed {seed})" if rotated else "original basis"
+    basis = (f"Hadamard basis (blocks <= {rotation_block}, signs per block, seed {seed})" if rotated
+             else "original basis")
     setup = f"{basis}, {grid} grid"  # what the saved column errors depend on besides the model
     calib_texts, held_texts = split_held_out(texts)
     ids = calibration_ids(tokenizer, calib_texts, calib_samples, seq_len, seed)
     held_ids = calibration_ids(tokenizer, held_texts, held_out_samples, seq_len, seed + 1)
     if load_measurement_from:
         measurement = load_measurement(load_measurement_from, linears, group_size, setup)
+        if compensate and allocation == "learned" and any("h" not in measurement[n] for n in linears
+                                                          if n.startswith(prefix + ".")):
+            raise ValueError(f"measurement {load_measurement_from} has no E[x x^T] per layer (made by an older xbit "
+                             "or with --no-compensate); measure again")
     else:
-        measurement = measure(model, linears, ids, device, group_size, progress, tied, grid)
+        measurement = measure(model, linears, ids, device, group_size, progress, tied, grid,
+                              full_hessians=compensate)
     if save_measurement_to and world()[0] == 0:
         save_measurement(save_measurement_to, measurement, group_size, setup)
     tied_heads = {emb: model.get_submodule(head) for head, emb in (tied or {}).items()}
     bits, learned = allocate(model, linears, measurement, budget, group_size, allocation, held_ids, cost_fn,
                              rounds, progress, importance=importance, min_bits=min_bits, tied_heads=tied_heads,
-                             grid=grid)
+                             delta_fn=final_deltas(linears, measurement, group_size, damp, grid, compensate))
 
     def quantize_one(name, h):
         w, b = linears[name].weight, bits[name].to(linears[name].weight.device)

@@ -86,9 +86,9 @@ def choose_uniform_bits(model, linears, group_size, float_dtype, bits=None, size
 def quantize_model(model, tokenizer=None, method: str = "rtn", bits: float | None = None, size: int | None = None,
                    group_size: int = 128, calib: list[str] | None = None, calib_samples: int = 128,
                    seq_len: int = 512, damp: float = 0.01, device=None, float_dtype=torch.float16,
-                   progress: bool = True, seed: int = 0, cost="kl", allocation: str = "learned", rounds: int = 3,
+                   progress: bool = True, seed: int = 0, cost="kl", allocation: str = "learned", rounds: int = 4,
                    compensate: bool = True, save_measurement=None, load_measurement=None, importance: float = 0.5,
-                   min_bits: int = 2, quantize_embeddings: bool = True, rotation_block: int = MAX_BLOCK,
+                   min_bits: int | None = None, quantize_embeddings: bool = True, rotation_block: int = MAX_BLOCK,
                    grid: str = "mse"):
     """Replace the model's linears by XbitLinear in place; returns (model, quantization_config, report).
 
@@ -250,8 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cost-data", help="texts for --cost ce (file, folder or datasets:NAME)")
     p.add_argument("--allocation", default="learned", choices=ALLOCATIONS,
                    help="xbit: learned (default), proxy (no end-to-end learning) or uniform (ablation)")
-    p.add_argument("--rounds", type=int, default=3, help="xbit: rounds of allocation learning (default 3)")
-    p.add_argument("--min-bits", type=int, default=2, help="xbit: smallest column depth allowed, 0..8 (default 2)")
+    p.add_argument("--rounds", type=int, default=4,
+                   help="xbit: rounds of allocation learning; round 0 scores the uniform allocation (default 4)")
+    p.add_argument("--min-bits", type=int, default=None,
+                   help="xbit: smallest column depth allowed, 0..8 (default 2, lowered where the size needs it)")
     p.add_argument("--importance", type=float, default=0.5,
                    help="xbit: exponent on E[x_j^2] in the column error (default 0.5; 1 = plain output MSE)")
     p.add_argument("--no-compensate", action="store_true", help="xbit: plain rounding instead of GPTQ-style compensation")
@@ -344,7 +346,7 @@ def run(args) -> int:
         raise UsageError("--calib-samples must be >= 1 and --seq-len >= 2")
     if args.rounds < 1:
         raise UsageError("--rounds must be >= 1")
-    if not 0 <= args.min_bits <= MAX_BITS:
+    if args.min_bits is not None and not 0 <= args.min_bits <= MAX_BITS:
         raise UsageError(f"--min-bits must be 0..{MAX_BITS}")
     if args.rotation_block < 0 or args.rotation_block & (args.rotation_block - 1):
         raise UsageError(f"--rotation-block must be 0 or a power of two, got {args.rotation_block}")
@@ -403,6 +405,9 @@ def run(args) -> int:
             ("bits/weight (quantized layers)", f"{report['bits_per_weight_layers']:.3f}"),
             ("bits/weight (whole checkpoint)", f"{report['bits_per_weight_total']:.3f}"),
             ("quantize time", f"{report['seconds']:.1f} s"), ("peak memory", f"{_peak_memory_mb(device):.0f} MiB")]
+    if report.get("rounds"):  # the learned allocation's held-out task cost, round 0 being the uniform allocation
+        costs = ", ".join(f"{r['cost']:.4f}" for r in report["rounds"])
+        rows.append((f"task cost by round ({args.cost}, held out)", f"{costs}; kept {report['best_cost']:.4f}"))
     for spec in ref_ppl:
         rows.append((f"perplexity {spec} (reference)", f"{ref_ppl[spec]:.3f}"))
         rows.append((f"perplexity {spec} (quantized)", f"{q_ppl[spec]:.3f}"))

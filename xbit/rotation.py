@@ -41,9 +41,9 @@ def rotate(x: torch.Tensor, signs: torch.Tensor, block: int) -> torch.Tensor:
     return (y @ _hadamard(block, x.dtype, x.device)).reshape(x.shape)
 
 
-def random_signs(in_features: int, name: str, seed: int = 0) -> torch.Tensor:
-    """+-1 float32 [in], reproducible from the layer's name and the seed."""
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+def random_signs(in_features: int, key: str, seed: int = 0) -> torch.Tensor:
+    """+-1 float32 [in], reproducible from a key (xbit uses the decoder block's path) and the seed."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
     return torch.randint(0, 2, (in_features,), generator=gen).float() * 2 - 1
 
 

@@ -1,6 +1,7 @@
 """Bit allocation: the Lagrangian solver against brute force, exactness to the byte budget, learned budgets."""
 
 import itertools
+import json
 
 import pytest
 import torch
@@ -110,3 +111,69 @@ def test_xbit_checkpoint_round_trip_and_measurement_reuse(tmp_path):
     ids = torch.tensor([[3, 4, 5, 6]])
     model.half().float()
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_measurement_keeps_one_hessian_per_input_through_save_and_load(tmp_path):
+    """q/k/v (and gate/up) read one input: one E[x x^T], stored once, shared again after loading; its diagonal is
+    the E[x_j^2] the column errors use; and a learned allocation from the loaded measurement is the same."""
+    from safetensors import safe_open
+
+    from xbit.method_xbit import load_measurement
+    from xbit.quantize import quantizable_linears
+
+    tok, calib, meas = tiny_tokenizer(), texts(), tmp_path / "m.safetensors"
+    kw = dict(method="xbit", bits=4.5, group_size=32, calib=calib, calib_samples=8, seq_len=64, rounds=2,
+              progress=False)
+    _, _, rep = xbit.quantize(tiny_llama(), tok, save_measurement=meas, **kw)
+    with safe_open(str(meas), "pt") as f:
+        alias, setup = json.loads(f.metadata()["h_alias"]), f.metadata()["setup"]
+        stored = [k for k in f.keys() if k.endswith(".h") and k.startswith("model.layers.")]
+    assert alias["model.layers.0.self_attn.k_proj"] == "model.layers.0.self_attn.q_proj"
+    assert alias["model.layers.1.mlp.up_proj"] == "model.layers.1.mlp.gate_proj"
+    assert len(stored) == 2 * 4  # per block: attention input, o_proj input, MLP input, down_proj input
+    model = tiny_llama()
+    linears = {n: m for n, m in quantizable_linears(model).items() if n.startswith("model.layers.")}
+    m = load_measurement(meas, linears, 32, setup)
+    q, v = m["model.layers.0.self_attn.q_proj"], m["model.layers.0.self_attn.v_proj"]
+    assert v["h"] is q["h"] and q["h"].dtype == torch.bfloat16
+    torch.testing.assert_close(q["h"].diagonal().float(), q["h_diag"], rtol=1e-2, atol=0)
+    _, _, again = xbit.quantize(tiny_llama(), tok, load_measurement=meas, **kw)
+    assert again["layers"] == rep["layers"]
+
+
+def test_learning_scores_the_compensated_errors_the_checkpoint_will_have():
+    """final_deltas is what quantization stores: with compensation its error in the layer's output,
+    tr(D H D^T), is below plain rounding's at the same depths; without, it is exactly the rounding one."""
+    from xbit.gptq import quantize_weight_gptq
+    from xbit.method_xbit import final_deltas, storage_order
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4096, 64, generator=g) @ torch.randn(64, 64, generator=g)  # correlated inputs
+    h = x.t() @ x / x.shape[0]
+    lin = torch.nn.Linear(64, 48, bias=False)
+    lin.weight.data = torch.randn(48, 64, generator=g)
+    meas = {"l": {"h_diag": h.diagonal().clone(), "h": h.to(torch.bfloat16)}}
+    bits = torch.randint(2, 5, (64,), generator=g).to(torch.uint8)
+    comp = final_deltas({"l": lin}, meas, 32, 0.01, "mse", True)("l", bits)
+    plain = final_deltas({"l": lin}, meas, 32, 0.01, "mse", False)("l", bits)
+    out_err = lambda d: torch.trace(d @ h @ d.t()).item()  # noqa: E731
+    assert out_err(comp) < 0.8 * out_err(plain)
+    exact = quantize_weight_gptq(lin.weight, h, bits, storage_order(bits, h.diagonal()), 32, 0.01, grid="mse")
+    w = xbit.format.dequantize(exact["qweight"], exact["scales"], exact["zeros"], exact["perm"], exact["bits"], 32)
+    assert out_err(comp) < 1.05 * out_err(w - lin.weight)  # a bfloat16 E[x x^T] scores as well as float32
+
+
+def test_default_floor_of_two_bits_is_lowered_only_where_the_size_needs_it():
+    """At a size below every column at 2 bits, the default floor drops to 1 bit and the size is still met; an
+    explicit --min-bits 2 refuses that size."""
+    tok, calib = tiny_tokenizer(), texts()
+    kw = dict(method="xbit", group_size=32, calib=calib, calib_samples=4, seq_len=64, allocation="proxy",
+              progress=False)
+    size = int(match_size(tiny_llama(), "gptq:2:32") * 0.7)  # below every column at 2 bits
+    _, _, rep = xbit.quantize(tiny_llama(), tok, size=size, **kw)
+    assert rep["checkpoint_bytes"] <= size and rep["min_bits"] == 1
+    assert any(layer["counts"][1] > 0 for layer in rep["layers"].values())
+    with pytest.raises(ValueError, match="below the smallest allocation"):
+        xbit.quantize(tiny_llama(), tok, size=size, min_bits=2, **kw)
+    _, _, rep = xbit.quantize(tiny_llama(), tok, size=match_size(tiny_llama(), "gptq:3:32"), **kw)
+    assert rep["min_bits"] == 2

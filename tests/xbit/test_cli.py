@@ -104,3 +104,5 @@ def test_xbit_cli_matches_gptq_size_exactly_and_reports(tiny_model_dir, tmp_path
     report = json.loads((tmp_path / "x" / "xbit_report.json").read_text())
     assert report["checkpoint_bytes"] <= gptq_bytes == report["target_bytes"]
     assert len(report["rounds"]) == 2 and "sensitivities" in report
+    assert report["rounds"][0]["allocation"] == "start"  # the uniform allocation, scored first
+    assert f"kept {report['best_cost']:.4f}" in stdout
