@@ -146,6 +146,7 @@ def test_learning_scores_the_compensated_errors_the_checkpoint_will_have():
     tr(D H D^T), is below plain rounding's at the same depths; without, it is exactly the rounding one."""
     from xbit.gptq import quantize_weight_gptq
     from xbit.method_xbit import final_deltas, storage_order
+    from xbit.rtn import quantize_weight_rtn
 
     g = torch.Generator().manual_seed(3)
     x = torch.randn(4096, 64, generator=g) @ torch.randn(64, 64, generator=g)  # correlated inputs
@@ -161,6 +162,9 @@ def test_learning_scores_the_compensated_errors_the_checkpoint_will_have():
     exact = quantize_weight_gptq(lin.weight, h, bits, storage_order(bits, h.diagonal()), 32, 0.01, grid="mse")
     w = xbit.format.dequantize(exact["qweight"], exact["scales"], exact["zeros"], exact["perm"], exact["bits"], 32)
     assert out_err(comp) < 1.05 * out_err(w - lin.weight)  # a bfloat16 E[x x^T] scores as well as float32
+    r = quantize_weight_rtn(lin.weight, bits, storage_order(bits, h.diagonal()), 32, "mse")
+    w = xbit.format.dequantize(r["qweight"], r["scales"], r["zeros"], r["perm"], r["bits"], 32)
+    torch.testing.assert_close(plain, w - lin.weight, rtol=0, atol=0)
 
 
 def test_default_floor_of_two_bits_is_lowered_only_where_the_size_needs_it():
