@@ -35,12 +35,12 @@ def best_isa() -> str:
 
 
 def supported_isas() -> list[str]:
-    return list(_SUPPORTED) if _LIB is not None else []
+    return list(_SUPPORTED)  # empty without the library
 
 
 def _isa(isa: str | None) -> int:
     name = isa or os.environ.get("XBIT_CPU_ISA") or best_isa()
-    if name in _SUPPORTED and _LIB is not None:
+    if name in _SUPPORTED:
         return _SUPPORTED[name]
     if name not in ISAS:
         raise ValueError(f"XBIT_CPU_ISA must be one of {sorted(ISAS)}, got {name!r}")

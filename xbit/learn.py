@@ -108,10 +108,11 @@ def learn_allocation(model, problem, solve, budget, linears, held_out_ids, cost_
     weights = torch.ones(len(problem.names), dtype=torch.float64) if initial_weights is None else initial_weights
     best, history = None, []
     for r in tqdm(range(rounds), desc="learning allocation", disable=not progress):
-        bits = start if r == 0 and start is not None else solve(problem, budget, weights)
+        from_start = r == 0 and start is not None
+        bits = start if from_start else solve(problem, budget, weights)
         deltas = {n: delta_fn(n, bits[n]) for n in problem.names}
         cost, grad = cost_and_gradient(model, linears, deltas, held_out_ids, ref, cost_fn, batch_size, tied_heads)
-        history.append({"round": r, "allocation": "start" if r == 0 and start is not None else "learned",
+        history.append({"round": r, "allocation": "start" if from_start else "learned",
                         "cost": cost, "bytes": problem.exact_bytes(torch.cat(list(bits.values())))})
         if best is None or cost < best[0]:
             best = (cost, bits, weights.clone())

@@ -140,20 +140,24 @@ def tempered_errors(measurement: dict, importance: float) -> dict:
     return out
 
 
+def quantize_layer(w: torch.Tensor, h: torch.Tensor | None, bits: torch.Tensor, h_diag: torch.Tensor,
+                   group_size: int, damp: float, grid: str) -> dict:
+    """Stored tensors of one layer at per-column depths, in storage order: GPTQ-compensated with E[x x^T] `h`,
+    or plain rounding where h is None (--no-compensate, or an untied embedding whose input is one-hot)."""
+    bits = bits.to(w.device)
+    perm = storage_order(bits, h_diag)
+    if h is not None:
+        return quantize_weight_gptq(w, h.to(w.device), bits, perm, group_size, damp, grid=grid)
+    return quantize_weight_rtn(w, bits, perm, group_size, grid)
+
+
 def final_deltas(linears: dict, measurement: dict, group_size: int, damp: float, grid: str, compensate: bool):
-    """delta(name, bits) -> Q - W as the final quantization will make it at those depths: the same storage order
-    and grids, GPTQ-compensated with the measured E[x x^T] when the run compensates (layers without one, such as
-    an untied embedding whose input is one-hot, are rounded, as they will be)."""
+    """delta(name, bits) -> Q - W as the final quantization (quantize_layer) will make it at those depths, with
+    the measured E[x x^T] in place of the one collected on quantized inputs."""
 
     def delta(name, bits):
-        w = linears[name].weight
-        bits = bits.to(w.device)
-        perm = storage_order(bits, measurement[name]["h_diag"])
-        h = measurement[name].get("h")
-        if compensate and h is not None:
-            t = quantize_weight_gptq(w, h.to(w.device), bits, perm, group_size, damp, grid=grid)
-        else:
-            t = quantize_weight_rtn(w, bits, perm, group_size, grid)
+        w, m = linears[name].weight, measurement[name]
+        t = quantize_layer(w, m.get("h") if compensate else None, bits, m["h_diag"], group_size, damp, grid)
         return dequantize(t["qweight"], t["scales"], t["zeros"], t["perm"], t["bits"], group_size) - w.float()
 
     return delta
@@ -190,8 +194,8 @@ def quantize_xbit(model, tokenizer, linears: dict, replace, budget: int, texts: 
                   calib_samples: int, seq_len: int, seed: int, damp: float, cost_fn, allocation: str = "learned",
                   rounds: int = 4, compensate: bool = True, held_out_samples: int = 16,
                   importance: float = 0.5, min_bits: int | None = None, tied: dict | None = None,
-                  rotation_block: int = 0,
-                  grid: str = "mse", save_measurement_to=None, load_measurement_from=None, progress: bool = True):
+                  rotation_block: int = 0, grid: str = "mse", save_measurement_to=None, load_measurement_from=None,
+                  progress: bool = True):
     """Quantizes every layer in `linears`, handing its stored tensors to replace(name, module, tensors, block):
     layers of the decoder blocks inside their block (so later blocks calibrate on quantized inputs), the embeddings
     and head before the blocks. `tied` maps an output head's name to the embedding whose table it shares (one
@@ -237,12 +241,9 @@ def quantize_xbit(model, tokenizer, linears: dict, replace, budget: int, texts: 
                              delta_fn=final_deltas(linears, measurement, group_size, damp, grid, compensate))
 
     def quantize_one(name, h):
-        w, b = linears[name].weight, bits[name].to(linears[name].weight.device)
-        perm = storage_order(b, measurement[name]["h_diag"])
-        if compensate and h is not None:
-            tensors = quantize_weight_gptq(w, h.to(w.device), b, perm, group_size, damp, grid=grid)
-        else:
-            tensors = quantize_weight_rtn(w, b, perm, group_size, grid)
+        w = linears[name].weight
+        tensors = quantize_layer(w, h if compensate else None, bits[name], measurement[name]["h_diag"], group_size,
+                                 damp, grid)
         block = 0
         if name in rotated:
             signs, block = rotated[name]
