@@ -11,8 +11,9 @@ Targets (each becomes one byte count shared by every method):
 Uniform methods (rtn, gptq) take the widest code width that fits; xbit fills the bytes.
 Methods: rtn, gptq, xbit, and the xbit ablations xbit-uniform (the same bytes, the allocation forced uniform),
 xbit-float-emb (embedding table and head kept float16 as GPTQ keeps them: regime b), xbit-float-emb-uniform (both),
-xbit-no-rotation / xbit-float-emb-no-rotation (the layers quantized in their original basis) and
-xbit-float-emb-minmax (min-max grids, as the baselines use).
+xbit-no-rotation / xbit-float-emb-no-rotation (the layers quantized in their original basis),
+xbit-float-emb-minmax (min-max grids, as the baselines use) and xbit-float-emb-no-tune (the grids as quantized, not
+trained end to end).
 
 Every cell (method x target, plus the float reference) is written to OUT/cells/ as it finishes and reused on the
 next run when its evaluation settings are unchanged. Methods this xbit build lacks get a skip line in the table.
@@ -50,7 +51,8 @@ METHODS = {"rtn": ("rtn", {}), "gptq": ("gptq", {}), "xbit": ("xbit", {}),
            "xbit-float-emb-uniform": ("xbit", {"quantize_embeddings": False, "allocation": "uniform"}),
            "xbit-no-rotation": ("xbit", {"rotation_block": 0}),
            "xbit-float-emb-no-rotation": ("xbit", {"quantize_embeddings": False, "rotation_block": 0}),
-           "xbit-float-emb-minmax": ("xbit", {"quantize_embeddings": False, "grid": "minmax"})}
+           "xbit-float-emb-minmax": ("xbit", {"quantize_embeddings": False, "grid": "minmax"}),
+           "xbit-float-emb-no-tune": ("xbit", {"quantize_embeddings": False, "tune_epochs": 0})}
 TEXT_SPLITS = ("sotu-eval", "sotu-calib", "moby")
 
 
@@ -194,7 +196,8 @@ def run_cell(ref_model, tok, method: str, target: str, target_bytes: int | None,
             raise RuntimeError(f"{key}: {report['checkpoint_bytes']} bytes exceed the target {target_bytes}")
         cell.update({k: report[k] for k in ("checkpoint_bytes", "bits_per_weight_total", "bits_per_weight_layers")})
         cell["code_bits"] = report.get("code_bits")
-        cell["learning"] = {k: report[k] for k in ("min_bits", "rounds", "best_cost") if k in report}
+        cell["learning"] = {k: report[k] for k in ("min_bits", "rounds", "best_cost", "tune_costs", "tune_kept_epoch")
+                            if k in report}
         cell["quantize_seconds"] = round(time.time() - t0, 2)
         cell["layers"] = {n: {"counts": v["counts"], "bytes": v["bytes"], "out_features": v["out"]}
                           for n, v in report["layers"].items()}

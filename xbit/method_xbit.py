@@ -10,8 +10,11 @@
    scores the errors step 3 will make (GPTQ with the measured E[x x^T]); round 0 scores the uniform allocation.
 3. Quantize: block by block again, each layer with GPTQ-style compensation (xbit.gptq) at its per-column depths,
    low depths first so that finer columns absorb the coarse columns' error; or plain rounding (compensate=False).
+4. Tune (tune_epochs > 0): the codes fixed, every group's scale and zero trained end to end against the cost
+   (xbit.tune), aiming at a float copy of the model taken before the rotation.
 """
 
+import copy
 import json
 
 import torch
@@ -25,6 +28,7 @@ from .gptq import quantize_weight_gptq
 from .learn import learn_allocation
 from .rotation import block_size, pack_signs, random_signs, rotate_linear, signs_bytes
 from .rtn import quantize_weight_rtn
+from .tune import TUNE_LR, tune_grids
 
 ALLOCATIONS = ("learned", "proxy", "uniform")
 
@@ -195,16 +199,17 @@ def quantize_xbit(model, tokenizer, linears: dict, replace, budget: int, texts: 
                   rounds: int = 4, compensate: bool = True, held_out_samples: int = 16,
                   importance: float = 0.5, min_bits: int | None = None, tied: dict | None = None,
                   rotation_block: int = 0, grid: str = "mse", save_measurement_to=None, load_measurement_from=None,
-                  progress: bool = True):
+                  tune_epochs: int = 0, tune_lr: float = TUNE_LR, progress: bool = True):
     """Quantizes every layer in `linears`, handing its stored tensors to replace(name, module, tensors, block):
     layers of the decoder blocks inside their block (so later blocks calibrate on quantized inputs), the embeddings
     and head before the blocks. `tied` maps an output head's name to the embedding whose table it shares (one
     candidate). rotation_block > 0 stores the decoder-block linears in a rotated basis (block: the Hadamard block
-    size of that layer, 0 if not rotated). `grid`: how each group's grid is fitted (xbit.grid). Returns the
-    report extras."""
+    size of that layer, 0 if not rotated). `grid`: how each group's grid is fitted (xbit.grid). tune_epochs > 0:
+    the grids are then trained end to end against the cost (xbit.tune). Returns the report extras."""
     if allocation not in ALLOCATIONS:
         raise ValueError(f"unknown allocation {allocation!r}; available: {', '.join(ALLOCATIONS)}")
     prefix = decoder_layers_path(model)
+    reference = copy.deepcopy(model) if tune_epochs else None  # the float model the tuning aims at
     rotated = {}  # name -> (signs, block); the float layers compute the same function in the rotated basis
     if rotation_block:
         for name, lin in linears.items():
@@ -260,6 +265,9 @@ def quantize_xbit(model, tokenizer, linears: dict, replace, budget: int, texts: 
                 quantize_one(name, h)
 
     run_blocks(model, ids, device, quantize_block, progress=progress, diag_only=not compensate)
+    if tune_epochs:
+        learned.update(tune_grids(model, reference, ids, held_ids, cost_fn, epochs=tune_epochs, lr=tune_lr,
+                                  progress=progress))
     return {"allocation": allocation, "compensate": compensate, "rotation_block": rotation_block, "grid": grid,
             **learned}
 

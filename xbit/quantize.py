@@ -26,6 +26,7 @@ from .method_xbit import ALLOCATIONS, quantize_xbit
 from .rotation import MAX_BLOCK
 from .rtn import quantize_weight_rtn
 from .sizes import float_component_bytes, float_linear_bytes, parse_size, plan_bytes, uniform_counts
+from .tune import DEFAULT_TUNE_EPOCHS, TUNE_LR
 
 METHODS = ("xbit", "gptq", "rtn")
 FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -89,7 +90,7 @@ def quantize_model(model, tokenizer=None, method: str = "rtn", bits: float | Non
                    progress: bool = True, seed: int = 0, cost="kl", allocation: str = "learned", rounds: int = 4,
                    compensate: bool = True, save_measurement=None, load_measurement=None, importance: float = 0.5,
                    min_bits: int | None = None, quantize_embeddings: bool = True, rotation_block: int = MAX_BLOCK,
-                   grid: str = "mse"):
+                   grid: str = "mse", tune_epochs: int = DEFAULT_TUNE_EPOCHS, tune_lr: float = TUNE_LR):
     """Replace the model's linears by XbitLinear in place; returns (model, quantization_config, report).
 
     rtn needs nothing else; gptq and xbit need `tokenizer` and `calib` (a list of texts). For xbit, `bits` is the
@@ -99,7 +100,8 @@ def quantize_model(model, tokenizer=None, method: str = "rtn", bits: float | Non
     (xbit only) the embedding table and output head are candidates too (tied ones as one table). xbit stores the
     decoder-block linears in a random-sign block Hadamard basis with blocks of up to `rotation_block` input
     features (0: no rotation; see xbit.rotation), and fits each group's grid by `grid` ("mse" or "minmax"; the
-    rtn and gptq baselines always use minmax, as published).
+    rtn and gptq baselines always use minmax, as published). xbit then trains the grids (scales and zeros) end to
+    end against the cost for `tune_epochs` passes over the calibration tokens (xbit.tune; 0: no tuning).
     """
     if method not in METHODS:
         raise UsageError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
@@ -145,8 +147,8 @@ def quantize_model(model, tokenizer=None, method: str = "rtn", bits: float | Non
         extra = quantize_xbit(model, tokenizer, linears, replace, budget, calib, group_size, device, calib_samples,
                               seq_len, seed, damp, cost_fn, allocation=allocation, rounds=rounds, compensate=compensate,
                               importance=importance, min_bits=min_bits, tied=tied, rotation_block=rotation_block,
-                              grid=grid,
-                              save_measurement_to=save_measurement, load_measurement_from=load_measurement,
+                              grid=grid, save_measurement_to=save_measurement,
+                              load_measurement_from=load_measurement, tune_epochs=tune_epochs, tune_lr=tune_lr,
                               progress=progress)
     if method == "gptq":
         ids = calibration_ids(tokenizer, calib, calib_samples, seq_len, seed)
@@ -266,6 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", default="mse", choices=GRIDS,
                    help="xbit: fit each group's grid to minimise its squared error by clipping its range (mse, "
                         "default) or span the range (minmax, as the rtn and gptq baselines do)")
+    p.add_argument("--tune-epochs", type=int, default=DEFAULT_TUNE_EPOCHS,
+                   help="xbit: passes over the calibration tokens training the scales and zeros end to end against "
+                        f"the cost, codes fixed (default {DEFAULT_TUNE_EPOCHS}; 0: off)")
+    p.add_argument("--tune-lr", type=float, default=TUNE_LR, help=f"xbit: Adam step of that tuning (default {TUNE_LR})")
     p.add_argument("--save-measurement", help="xbit: save calibration statistics and column errors (safetensors)")
     p.add_argument("--load-measurement", help="xbit: reuse a saved measurement (same model and group size)")
     p.add_argument("--out", help="output checkpoint folder (omit to only report)")
@@ -346,6 +352,8 @@ def run(args) -> int:
         raise UsageError("--calib-samples must be >= 1 and --seq-len >= 2")
     if args.rounds < 1:
         raise UsageError("--rounds must be >= 1")
+    if args.tune_epochs < 0 or not args.tune_lr > 0:
+        raise UsageError("--tune-epochs must be >= 0 and --tune-lr positive")
     if args.min_bits is not None and not 0 <= args.min_bits <= MAX_BITS:
         raise UsageError(f"--min-bits must be 0..{MAX_BITS}")
     if args.rotation_block < 0 or args.rotation_block & (args.rotation_block - 1):
@@ -392,7 +400,9 @@ def run(args) -> int:
                                             compensate=not args.no_compensate, save_measurement=args.save_measurement,
                                             load_measurement=args.load_measurement, importance=args.importance,
                                             min_bits=args.min_bits, quantize_embeddings=not args.float_embeddings,
-                                            rotation_block=args.rotation_block, grid=args.grid)
+                                            rotation_block=args.rotation_block, grid=args.grid,
+                                            tune_epochs=args.tune_epochs if args.method == "xbit" else 0,
+                                            tune_lr=args.tune_lr)
     report.update(model=model_id, target_bytes=size, target_bits=args.bits, match=args.match)
     if not lead:
         return 0
@@ -408,6 +418,10 @@ def run(args) -> int:
     if report.get("rounds"):  # the learned allocation's held-out task cost, round 0 being the uniform allocation
         costs = ", ".join(f"{r['cost']:.4f}" for r in report["rounds"])
         rows.append((f"task cost by round ({args.cost}, held out)", f"{costs}; kept {report['best_cost']:.4f}"))
+    if report.get("tune_costs"):  # epoch 0: the grids as quantized
+        costs = ", ".join(f"{c:.4f}" for c in report["tune_costs"])
+        rows.append((f"task cost by tuning epoch ({args.cost}, held out)",
+                     f"{costs}; kept epoch {report['tune_kept_epoch']}"))
     for spec in ref_ppl:
         rows.append((f"perplexity {spec} (reference)", f"{ref_ppl[spec]:.3f}"))
         rows.append((f"perplexity {spec} (quantized)", f"{q_ppl[spec]:.3f}"))

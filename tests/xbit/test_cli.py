@@ -53,6 +53,8 @@ def test_size_target_picks_widest_uniform_width_that_fits(tiny_model_dir, tmp_pa
     (["--bits", "3", "--group-size", "0"], "--group-size must be positive"),
     (["--bits", "3", "--calib", "/no/such/file.txt"], "not found"),
     (["--bits", "3", "--calib", "CALIB", "--cost", "nosuchmodule:fn"], "cannot import cost"),
+    (["--method", "xbit", "--bits", "3", "--tune-epochs", "-1"], "--tune-epochs must be >= 0"),
+    (["--method", "xbit", "--bits", "3", "--tune-lr", "0"], "--tune-lr positive"),
 ])
 def test_bad_arguments_exit_2_with_one_line_and_write_nothing(tiny_model_dir, tmp_path, capsys, args, message):
     out = tmp_path / "never"
@@ -106,3 +108,6 @@ def test_xbit_cli_matches_gptq_size_exactly_and_reports(tiny_model_dir, tmp_path
     assert len(report["rounds"]) == 2 and "sensitivities" in report
     assert report["rounds"][0]["allocation"] == "start"  # the uniform allocation, scored first
     assert f"kept {report['best_cost']:.4f}" in stdout
+    # the grid tuning ran by default: epoch 0 scores the grids as quantized, and the kept one is the best
+    assert len(report["tune_costs"]) == 3 and report["tune_costs"][report["tune_kept_epoch"]] == min(report["tune_costs"])
+    assert f"kept epoch {report['tune_kept_epoch']}" in stdout

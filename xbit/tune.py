@@ -1,0 +1,157 @@
+"""End-to-end tuning of the grids: after quantization, the codes stay fixed and every group's scale and zero are
+trained by Adam against the task cost (default KL(original || quantized) on the calibration tokens).
+
+GPTQ-style compensation fixes each layer's error against its own output only; the tuning sees the whole network, so
+the grids of early layers learn to serve the later ones. Only the float16 scales and zeros change: the bytes, the
+format and the kernels stay as they are. The held-out tokens pick the epoch (the untuned grids included), so the
+kept result is never worse on them than no tuning.
+
+Parametrisation: scale = scale0 * exp(a) and zero = zero0 + c (in code steps), a = c = 0 at the start, so one
+learning rate suits every layer whatever its weights' magnitude.
+
+Memory: the quantized model and its float reference both sit on the device, with one batch's activations and
+gradients (unlike the calibration, which holds one block at a time); --tune-epochs 0 where that does not fit.
+"""
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .format import segments_of, unpack
+from .modules import XbitEmbedding, XbitLinear, XbitTiedHead
+from .rotation import rotate, unpack_signs
+
+
+TUNE_LR = 3e-3  # Adam on log-scale and zero shift
+DEFAULT_TUNE_EPOCHS = 2  # SmolLM2 at the GPTQ 3-bit size: held-out KL 0.292 -> 0.231 -> 0.223 (docs/BENCHMARKS.md)
+
+
+class TunableGrid:
+    """One quantized table (XbitLinear or XbitEmbedding) as a differentiable function of its scales and zeros."""
+
+    def __init__(self, module: XbitLinear):
+        self.module = module
+        codes, group, cols = [], [], []
+        perm = module.perm.long()
+        for seg in segments_of(module.bits, perm, module.group_size):
+            if seg.bits == 0:
+                continue
+            words = module.qweight[seg.word_start : seg.word_start + seg.words()]
+            codes.append(unpack(words, seg.bits, seg.cols).to(torch.uint8))
+            group.append(seg.group_start + torch.arange(seg.cols, device=perm.device) // module.group_size)
+            cols.append(perm[seg.start : seg.start + seg.cols])
+        device = module.qweight.device
+        self.codes = torch.cat(codes, 1) if codes else torch.zeros(module.out_features, 0, dtype=torch.uint8,
+                                                                   device=device)
+        self.group = torch.cat(group) if group else torch.zeros(0, dtype=torch.long, device=device)
+        self.cols = torch.cat(cols) if cols else torch.zeros(0, dtype=torch.long, device=device)
+        self.scale0, self.zero0 = module.scales.float(), module.zeros.float()
+        self.log_scale = torch.zeros_like(self.scale0, requires_grad=True)
+        self.shift = torch.zeros_like(self.zero0, requires_grad=True)
+
+    def params(self) -> list[torch.Tensor]:
+        return [self.log_scale, self.shift]
+
+    def weight(self) -> torch.Tensor:
+        """The dequantized table [out, in], original column order (0-bit columns are zero)."""
+        m = self.module
+        s = (self.scale0 * self.log_scale.exp())[self.group].t()
+        z = (self.zero0 + self.shift)[self.group].t()
+        w = s * (self.codes.float() - z)
+        return w.new_zeros(m.out_features, m.in_features).index_copy(1, self.cols, w)
+
+    def write_back(self):
+        with torch.no_grad():
+            self.module.scales.copy_((self.scale0 * self.log_scale.exp()).half())
+            self.module.zeros.copy_((self.zero0 + self.shift).half())
+
+    def reset(self):
+        with torch.no_grad():
+            self.log_scale.zero_()
+            self.shift.zero_()
+
+
+def _differentiable_forwards(model, grids: dict):
+    """Instance forwards that compute every quantized layer from its TunableGrid (restored by the caller)."""
+    patched = []
+    for module in model.modules():
+        if isinstance(module, XbitEmbedding) and module in grids:
+            g = grids[module]
+            module.forward = lambda ids, g=g: F.embedding(ids, g.weight()).to(g.module.dtype_probe.dtype)
+        elif isinstance(module, XbitTiedHead) and module.embedding in grids:
+            g = grids[module.embedding]
+            module.forward = lambda x, g=g: F.linear(x, g.weight().to(x.dtype))
+        elif isinstance(module, XbitLinear) and module in grids:
+            # the signs unpacked afresh: the module's cached copy may come from an inference_mode pass
+            signs = unpack_signs(module.rot_signs, module.in_features) if module.rotation_block else None
+
+            def forward(x, g=grids[module], m=module, signs=signs):
+                if m.rotation_block:
+                    x = rotate(x, signs, m.rotation_block)
+                bias = m.bias.to(x.dtype) if m.bias is not None else None
+                return F.linear(x, g.weight().to(x.dtype), bias)
+            module.forward = forward
+        else:
+            continue
+        patched.append(module)
+    return patched
+
+
+def tune_grids(model, reference, train_ids: torch.Tensor, held_ids: torch.Tensor, cost_fn, epochs: int = 2,
+               lr: float = TUNE_LR, batch_size: int = 4, progress: bool = True) -> dict:
+    """Trains the scales and zeros of every XbitLinear/XbitEmbedding in `model` in place. `reference`: the float
+    model (same function before quantization) giving the target logits. Returns the report: held-out cost per
+    epoch (epoch 0 = untuned) and the epoch kept."""
+    device = next(model.parameters()).device
+    grids = {m: TunableGrid(m) for m in model.modules() if isinstance(m, XbitLinear)}
+    params = [p for g in grids.values() for p in g.params()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with torch.no_grad():
+        held_ref = [reference(held_ids[i : i + batch_size].to(device), use_cache=False).logits
+                    for i in range(0, held_ids.shape[0], batch_size)]
+    patched = _differentiable_forwards(model, grids)
+    try:
+        def held_out_cost():
+            with torch.no_grad():
+                total = 0.0
+                for k, i in enumerate(range(0, held_ids.shape[0], batch_size)):
+                    batch = held_ids[i : i + batch_size].to(device)
+                    logits = model(batch, use_cache=False).logits
+                    total += cost_fn(logits, held_ref[k], batch).item() * batch.shape[0] / held_ids.shape[0]
+                return total
+
+        costs = [held_out_cost()]
+        best = (costs[0], [p.detach().clone() for p in params])
+        opt = torch.optim.Adam(params, lr=lr)
+        steps = epochs * -(-train_ids.shape[0] // batch_size)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+        gen = torch.Generator().manual_seed(0)
+        bar = tqdm(total=steps, desc="tuning grids", disable=not progress)
+        for _ in range(epochs):
+            order = torch.randperm(train_ids.shape[0], generator=gen)
+            for i in range(0, order.numel(), batch_size):
+                batch = train_ids[order[i : i + batch_size]].to(device)
+                with torch.no_grad():
+                    ref = reference(batch, use_cache=False).logits
+                with torch.enable_grad():
+                    loss = cost_fn(model(batch, use_cache=False).logits, ref, batch)
+                    opt.zero_grad()
+                    loss.backward()
+                opt.step()
+                sched.step()
+                bar.update(1)
+                bar.set_postfix(cost=f"{loss.item():.4f}")
+            costs.append(held_out_cost())
+            if costs[-1] < best[0]:
+                best = (costs[-1], [p.detach().clone() for p in params])
+        bar.close()
+        with torch.no_grad():
+            for p, kept in zip(params, best[1]):
+                p.copy_(kept)
+        for g in grids.values():
+            g.write_back()
+    finally:
+        for m in patched:
+            del m.forward
+    return {"tune_costs": costs, "tune_kept_epoch": costs.index(best[0])}
