@@ -15,6 +15,7 @@ gradients (unlike the calibration, which holds one block at a time); --tune-epoc
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from .format import segments_of, unpack
@@ -71,16 +72,24 @@ class TunableGrid:
             self.shift.zero_()
 
 
+def _linear(x, g: TunableGrid, bias):
+    return F.linear(x, g.weight().to(x.dtype), bias)
+
+
 def _differentiable_forwards(model, grids: dict):
-    """Instance forwards that compute every quantized layer from its TunableGrid (restored by the caller)."""
+    """Instance forwards that compute every quantized layer from its TunableGrid (restored by the caller).
+
+    Checkpointed: the backward pass dequantizes again instead of keeping every layer's float weight (and its
+    expanded scales and zeros) alive, so the memory is that of the activations, as in ordinary training."""
     patched = []
     for module in model.modules():
         if isinstance(module, XbitEmbedding) and module in grids:
             g = grids[module]
-            module.forward = lambda ids, g=g: F.embedding(ids, g.weight()).to(g.module.dtype_probe.dtype)
+            module.forward = lambda ids, g=g: F.embedding(ids, checkpoint(g.weight, use_reentrant=False)).to(
+                g.module.dtype_probe.dtype)
         elif isinstance(module, XbitTiedHead) and module.embedding in grids:
             g = grids[module.embedding]
-            module.forward = lambda x, g=g: F.linear(x, g.weight().to(x.dtype))
+            module.forward = lambda x, g=g: checkpoint(_linear, x, g, None, use_reentrant=False)
         elif isinstance(module, XbitLinear) and module in grids:
             # the signs unpacked afresh: the module's cached copy may come from an inference_mode pass
             signs = unpack_signs(module.rot_signs, module.in_features) if module.rotation_block else None
@@ -89,7 +98,7 @@ def _differentiable_forwards(model, grids: dict):
                 if m.rotation_block:
                     x = rotate(x, signs, m.rotation_block)
                 bias = m.bias.to(x.dtype) if m.bias is not None else None
-                return F.linear(x, g.weight().to(x.dtype), bias)
+                return checkpoint(_linear, x, g, bias, use_reentrant=False)
             module.forward = forward
         else:
             continue
@@ -98,7 +107,7 @@ def _differentiable_forwards(model, grids: dict):
 
 
 def tune_grids(model, reference, train_ids: torch.Tensor, held_ids: torch.Tensor, cost_fn, epochs: int = 2,
-               lr: float = TUNE_LR, batch_size: int = 4, progress: bool = True) -> dict:
+               lr: float = TUNE_LR, batch_size: int = 4, progress: bool = True, norms: bool = False) -> dict:
     """Trains the scales and zeros of every XbitLinear/XbitEmbedding in `model` in place. `reference`: the float
     model (same function before quantization) giving the target logits. Returns the report: held-out cost per
     epoch (epoch 0 = untuned) and the epoch kept."""
@@ -107,18 +116,21 @@ def tune_grids(model, reference, train_ids: torch.Tensor, held_ids: torch.Tensor
     params = [p for g in grids.values() for p in g.params()]
     for p in model.parameters():
         p.requires_grad_(False)
-    with torch.no_grad():
-        held_ref = [reference(held_ids[i : i + batch_size].to(device), use_cache=False).logits
-                    for i in range(0, held_ids.shape[0], batch_size)]
+    if norms:
+        for m in model.modules():
+            if "norm" in type(m).__name__.lower() and isinstance(getattr(m, "weight", None), torch.nn.Parameter):
+                m.weight.requires_grad_(True)
+                params.append(m.weight)
     patched = _differentiable_forwards(model, grids)
     try:
         def held_out_cost():
             with torch.no_grad():
                 total = 0.0
-                for k, i in enumerate(range(0, held_ids.shape[0], batch_size)):
-                    batch = held_ids[i : i + batch_size].to(device)
+                for i in range(0, held_ids.shape[0], batch_size):  # reference logits on the fly: a large
+                    batch = held_ids[i : i + batch_size].to(device)   # vocabulary makes them gigabytes
+                    ref = reference(batch, use_cache=False).logits
                     logits = model(batch, use_cache=False).logits
-                    total += cost_fn(logits, held_ref[k], batch).item() * batch.shape[0] / held_ids.shape[0]
+                    total += cost_fn(logits, ref, batch).item() * batch.shape[0] / held_ids.shape[0]
                 return total
 
         costs = [held_out_cost()]
@@ -154,4 +166,6 @@ def tune_grids(model, reference, train_ids: torch.Tensor, held_ids: torch.Tensor
     finally:
         for m in patched:
             del m.forward
+        for p in model.parameters():
+            p.requires_grad_(False)
     return {"tune_costs": costs, "tune_kept_epoch": costs.index(best[0])}
