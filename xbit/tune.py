@@ -72,24 +72,24 @@ class TunableGrid:
             self.shift.zero_()
 
 
-def _linear(x, g: TunableGrid, bias):
-    return F.linear(x, g.weight().to(x.dtype), bias)
+def _weight(g: TunableGrid) -> torch.Tensor:
+    return checkpoint(g.weight, use_reentrant=False)
 
 
 def _differentiable_forwards(model, grids: dict):
     """Instance forwards that compute every quantized layer from its TunableGrid (restored by the caller).
 
-    Checkpointed: the backward pass dequantizes again instead of keeping every layer's float weight (and its
-    expanded scales and zeros) alive, so the memory is that of the activations, as in ordinary training."""
+    The dequantization is checkpointed: the backward pass dequantizes again instead of keeping each layer's
+    expanded scales, zeros and codes alive (only the float weight the matmul needs stays)."""
     patched = []
     for module in model.modules():
         if isinstance(module, XbitEmbedding) and module in grids:
             g = grids[module]
-            module.forward = lambda ids, g=g: F.embedding(ids, checkpoint(g.weight, use_reentrant=False)).to(
+            module.forward = lambda ids, g=g: F.embedding(ids, _weight(g)).to(
                 g.module.dtype_probe.dtype)
         elif isinstance(module, XbitTiedHead) and module.embedding in grids:
             g = grids[module.embedding]
-            module.forward = lambda x, g=g: checkpoint(_linear, x, g, None, use_reentrant=False)
+            module.forward = lambda x, g=g: F.linear(x, _weight(g).to(x.dtype))
         elif isinstance(module, XbitLinear) and module in grids:
             # the signs unpacked afresh: the module's cached copy may come from an inference_mode pass
             signs = unpack_signs(module.rot_signs, module.in_features) if module.rotation_block else None
@@ -98,7 +98,7 @@ def _differentiable_forwards(model, grids: dict):
                 if m.rotation_block:
                     x = rotate(x, signs, m.rotation_block)
                 bias = m.bias.to(x.dtype) if m.bias is not None else None
-                return checkpoint(_linear, x, g, bias, use_reentrant=False)
+                return F.linear(x, _weight(g).to(x.dtype), bias)
             module.forward = forward
         else:
             continue
