@@ -41,6 +41,13 @@ def rotate(x: torch.Tensor, signs: torch.Tensor, block: int) -> torch.Tensor:
     return (y @ _hadamard(block, x.dtype, x.device)).reshape(x.shape)
 
 
+def unrotate(x: torch.Tensor, signs: torch.Tensor, block: int) -> torch.Tensor:
+    """R x along the last dimension of x, the inverse of `rotate`: the rows of a stored W R back to the rows of W."""
+    k = x.shape[-1]
+    h = _hadamard(block, x.dtype, x.device).clone()  # a normal tensor even if inference mode filled the cache
+    return (x.reshape(*x.shape[:-1], k // block, block) @ h).reshape(x.shape) * signs.to(x.dtype)
+
+
 def random_signs(in_features: int, key: str, seed: int = 0) -> torch.Tensor:
     """+-1 float32 [in], reproducible from a key (xbit uses the decoder block's path) and the seed."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .format import segments_of, unpack
 from .modules import XbitEmbedding, XbitLinear, XbitTiedHead
-from .rotation import rotate, unpack_signs
+from .rotation import unpack_signs, unrotate
 
 
 TUNE_LR = 3e-3  # Adam on log-scale and zero shift
@@ -66,14 +66,11 @@ class TunableGrid:
             self.module.scales.copy_((self.scale0 * self.log_scale.exp()).half())
             self.module.zeros.copy_((self.zero0 + self.shift).half())
 
-    def reset(self):
-        with torch.no_grad():
-            self.log_scale.zero_()
-            self.shift.zero_()
 
-
-def _weight(g: TunableGrid) -> torch.Tensor:
-    return checkpoint(g.weight, use_reentrant=False)
+def _weight(g: TunableGrid, signs: torch.Tensor | None = None, block: int = 0) -> torch.Tensor:
+    """The layer's float weight in the original basis (a rotated layer's W R turned back into W, so that the
+    layers reading one input share it instead of each keeping its own rotated copy for the backward pass)."""
+    return checkpoint(lambda: unrotate(g.weight(), signs, block) if block else g.weight(), use_reentrant=False)
 
 
 def _differentiable_forwards(model, grids: dict):
@@ -95,10 +92,8 @@ def _differentiable_forwards(model, grids: dict):
             signs = unpack_signs(module.rot_signs, module.in_features) if module.rotation_block else None
 
             def forward(x, g=grids[module], m=module, signs=signs):
-                if m.rotation_block:
-                    x = rotate(x, signs, m.rotation_block)
                 bias = m.bias.to(x.dtype) if m.bias is not None else None
-                return F.linear(x, _weight(g).to(x.dtype), bias)
+                return F.linear(x, _weight(g, signs, m.rotation_block).to(x.dtype), bias)
             module.forward = forward
         else:
             continue

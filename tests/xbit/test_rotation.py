@@ -8,7 +8,7 @@ import xbit
 from xbit import checkpoint, dispatch
 from xbit.format import reference_matmul
 from xbit.modules import XbitLinear
-from xbit.rotation import block_size, pack_signs, random_signs, rotate, signs_bytes, unpack_signs
+from xbit.rotation import block_size, pack_signs, random_signs, rotate, signs_bytes, unpack_signs, unrotate
 from xbit.rtn import quantize_weight_rtn
 
 from tests.tiny import tiny_llama, tiny_tokenizer
@@ -29,6 +29,8 @@ def test_rotation_is_orthogonal_and_keeps_the_layer_function(k):
     w, x = torch.randn(40, k, dtype=torch.float64), torch.randn(5, k, dtype=torch.float64)
     torch.testing.assert_close(F.linear(rotate(x, s, block), rotate(w, s, block)), F.linear(x, w))
     assert not torch.allclose(rotate(w, s, block), w)
+    torch.testing.assert_close(unrotate(rotate(w, s, block), s, block), w)  # the stored W R back to W
+    torch.testing.assert_close(F.linear(x, unrotate(rotate(w, s, block), s, block)), F.linear(x, w))
 
 
 def test_signs_pack_and_unpack_exactly():

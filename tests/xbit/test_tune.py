@@ -11,7 +11,7 @@ from xbit.learn import kl_cost
 from xbit.modules import XbitLinear
 from xbit.quantize import match_size
 from xbit.rtn import quantize_weight_rtn
-from xbit.tune import TunableGrid, tune_grids
+from xbit.tune import TunableGrid, _differentiable_forwards, tune_grids
 from tests.tiny import tiny_llama, tiny_tokenizer
 from tests.xbit.test_allocate import texts
 
@@ -49,7 +49,15 @@ def test_tuning_lowers_the_cost_on_unseen_text_and_changes_only_scales_and_zeros
     train, held, unseen = (torch.randint(3, 128, (n, 64), generator=g) for n in (16, 8, 8))
     with torch.inference_mode():  # as an evaluation before tuning would (its caches must not leak into autograd)
         ref_unseen = reference(unseen).logits.clone()
-        before = kl_cost(model(unseen).logits, ref_unseen, unseen).item()
+        kernel_logits = model(unseen).logits.clone()
+        before = kl_cost(kernel_logits, ref_unseen, unseen).item()
+    # the differentiable forwards (rotation folded back into the weights) compute the model's own function
+    grids = {m: TunableGrid(m) for m in model.modules() if isinstance(m, XbitLinear)}
+    patched = _differentiable_forwards(model, grids)
+    with torch.no_grad():
+        torch.testing.assert_close(model(unseen).logits, kernel_logits, rtol=1e-4, atol=1e-4)
+    for m in patched:
+        del m.forward
     stored = {k: v.clone() for k, v in model.state_dict().items()}
     rep = tune_grids(model, reference, train, held, kl_cost, epochs=4, lr=1e-2, batch_size=4, progress=False)
     with torch.no_grad():
