@@ -102,7 +102,7 @@ def _differentiable_forwards(model, grids: dict):
 
 
 def tune_grids(model, reference, train_ids: torch.Tensor, held_ids: torch.Tensor, cost_fn, epochs: int = 2,
-               lr: float = TUNE_LR, batch_size: int = 4, progress: bool = True, norms: bool = False) -> dict:
+               lr: float = TUNE_LR, batch_size: int = 4, progress: bool = True) -> dict:
     """Trains the scales and zeros of every XbitLinear/XbitEmbedding in `model` in place. `reference`: the float
     model (same function before quantization) giving the target logits. Returns the report: held-out cost per
     epoch (epoch 0 = untuned) and the epoch kept."""
@@ -111,11 +111,6 @@ def tune_grids(model, reference, train_ids: torch.Tensor, held_ids: torch.Tensor
     params = [p for g in grids.values() for p in g.params()]
     for p in model.parameters():
         p.requires_grad_(False)
-    if norms:
-        for m in model.modules():
-            if "norm" in type(m).__name__.lower() and isinstance(getattr(m, "weight", None), torch.nn.Parameter):
-                m.weight.requires_grad_(True)
-                params.append(m.weight)
     patched = _differentiable_forwards(model, grids)
     try:
         def held_out_cost():
@@ -161,6 +156,4 @@ def tune_grids(model, reference, train_ids: torch.Tensor, held_ids: torch.Tensor
     finally:
         for m in patched:
             del m.forward
-        for p in model.parameters():
-            p.requires_grad_(False)
     return {"tune_costs": costs, "tune_kept_epoch": costs.index(best[0])}
