@@ -82,8 +82,7 @@ def _differentiable_forwards(model, grids: dict):
     for module in model.modules():
         if isinstance(module, XbitEmbedding) and module in grids:
             g = grids[module]
-            module.forward = lambda ids, g=g: F.embedding(ids, _weight(g)).to(
-                g.module.dtype_probe.dtype)
+            module.forward = lambda ids, g=g: F.embedding(ids, _weight(g)).to(g.module.dtype_probe.dtype)
         elif isinstance(module, XbitTiedHead) and module.embedding in grids:
             g = grids[module.embedding]
             module.forward = lambda x, g=g: F.linear(x, _weight(g).to(x.dtype))

@@ -42,7 +42,7 @@ def test_tuning_lowers_the_cost_on_unseen_text_and_changes_only_scales_and_zeros
     model, qc, rep = xbit.quantize(tiny_llama(), tok, method="xbit", size=size, group_size=32, calib=texts(),
                                    calib_samples=8, seq_len=64, allocation="uniform", tune_epochs=0,
                                    progress=False)
-    xbit.checkpoint.save(model, tok, tmp_path / "ck", qc, rep)  # a loaded checkpoint, as `tune` could be run alone
+    xbit.checkpoint.save(model, tok, tmp_path / "ck", qc, rep)  # loaded: its caches fill in inference mode below
     model = xbit.load(tmp_path / "ck", device="cpu", dtype=torch.float32)
     reference = tiny_llama()
     g = torch.Generator().manual_seed(5)
