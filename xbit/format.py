@@ -157,21 +157,32 @@ def unpack(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
 # ---------------------------------------------------------------- reference math
 
 
-def dequantize(qweight, scales, zeros, perm, bits, group_size: int, dtype=torch.float32) -> torch.Tensor:
-    """The reference: the float weight [out, in] in the original column order."""
-    out = qweight.shape[1]
-    in_features = bits.numel()
-    w = torch.zeros(out, in_features, dtype=torch.float32, device=qweight.device)
+def unpack_layer(qweight, perm, bits, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The stored codes of every column with bits > 0, in storage order: (codes int64 [out, n], the scales/zeros
+    row of each column [n], its original column index [n])."""
     perm = perm.long()
+    codes, group, cols = [qweight.new_zeros(qweight.shape[1], 0, dtype=torch.int64)], [], []
     for seg in segments_of(bits, perm, group_size):
         if seg.bits == 0:
             continue
-        q = unpack(qweight[seg.word_start : seg.word_start + seg.words()], seg.bits, seg.cols).float()
-        g = seg.group_start + torch.arange(seg.cols, device=q.device) // group_size
-        s = scales[g].t().float()  # [out, cols]
-        z = zeros[g].t().float()
-        w[:, perm[seg.start : seg.start + seg.cols]] = s * (q - z)
-    return w.to(dtype)
+        codes.append(unpack(qweight[seg.word_start : seg.word_start + seg.words()], seg.bits, seg.cols))
+        group.append(seg.group_start + torch.arange(seg.cols, device=perm.device) // group_size)
+        cols.append(perm[seg.start : seg.start + seg.cols])
+    empty = perm.new_zeros(0)
+    return torch.cat(codes, 1), torch.cat([empty, *group]), torch.cat([empty, *cols])
+
+
+def dequantize_unpacked(codes, group, cols, scales, zeros, in_features: int) -> torch.Tensor:
+    """float32 [out, in] from `unpack_layer`'s output: scale * (code - zero), 0-bit columns zero. Differentiable
+    in scales and zeros (xbit.tune trains them through it)."""
+    w = scales[group].t().float() * (codes.float() - zeros[group].t().float())
+    return w.new_zeros(w.shape[0], in_features).index_copy(1, cols, w)
+
+
+def dequantize(qweight, scales, zeros, perm, bits, group_size: int, dtype=torch.float32) -> torch.Tensor:
+    """The reference: the float weight [out, in] in the original column order."""
+    codes, group, cols = unpack_layer(qweight, perm, bits, group_size)
+    return dequantize_unpacked(codes, group, cols, scales, zeros, bits.numel()).to(dtype)
 
 
 def reference_matmul(x, qweight, scales, zeros, perm, bits, group_size: int, bias=None) -> torch.Tensor:

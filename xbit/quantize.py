@@ -401,8 +401,7 @@ def run(args) -> int:
                                             load_measurement=args.load_measurement, importance=args.importance,
                                             min_bits=args.min_bits, quantize_embeddings=not args.float_embeddings,
                                             rotation_block=args.rotation_block, grid=args.grid,
-                                            tune_epochs=args.tune_epochs if args.method == "xbit" else 0,
-                                            tune_lr=args.tune_lr)
+                                            tune_epochs=args.tune_epochs, tune_lr=args.tune_lr)
     report.update(model=model_id, target_bytes=size, target_bits=args.bits, match=args.match)
     if not lead:
         return 0

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from .format import segments_of, unpack
+from .format import dequantize_unpacked, unpack_layer
 from .modules import XbitEmbedding, XbitLinear, XbitTiedHead
 from .rotation import unpack_signs, unrotate
 
@@ -32,20 +32,8 @@ class TunableGrid:
 
     def __init__(self, module: XbitLinear):
         self.module = module
-        codes, group, cols = [], [], []
-        perm = module.perm.long()
-        for seg in segments_of(module.bits, perm, module.group_size):
-            if seg.bits == 0:
-                continue
-            words = module.qweight[seg.word_start : seg.word_start + seg.words()]
-            codes.append(unpack(words, seg.bits, seg.cols).to(torch.uint8))
-            group.append(seg.group_start + torch.arange(seg.cols, device=perm.device) // module.group_size)
-            cols.append(perm[seg.start : seg.start + seg.cols])
-        device = module.qweight.device
-        self.codes = torch.cat(codes, 1) if codes else torch.zeros(module.out_features, 0, dtype=torch.uint8,
-                                                                   device=device)
-        self.group = torch.cat(group) if group else torch.zeros(0, dtype=torch.long, device=device)
-        self.cols = torch.cat(cols) if cols else torch.zeros(0, dtype=torch.long, device=device)
+        codes, self.group, self.cols = unpack_layer(module.qweight, module.perm, module.bits, module.group_size)
+        self.codes = codes.to(torch.uint8)
         self.scale0, self.zero0 = module.scales.float(), module.zeros.float()
         self.log_scale = torch.zeros_like(self.scale0, requires_grad=True)
         self.shift = torch.zeros_like(self.zero0, requires_grad=True)
@@ -55,11 +43,8 @@ class TunableGrid:
 
     def weight(self) -> torch.Tensor:
         """The dequantized table [out, in], original column order (0-bit columns are zero)."""
-        m = self.module
-        s = (self.scale0 * self.log_scale.exp())[self.group].t()
-        z = (self.zero0 + self.shift)[self.group].t()
-        w = s * (self.codes.float() - z)
-        return w.new_zeros(m.out_features, m.in_features).index_copy(1, self.cols, w)
+        return dequantize_unpacked(self.codes, self.group, self.cols, self.scale0 * self.log_scale.exp(),
+                                   self.zero0 + self.shift, self.module.in_features)
 
     def write_back(self):
         with torch.no_grad():
