@@ -109,5 +109,6 @@ def test_xbit_cli_matches_gptq_size_exactly_and_reports(tiny_model_dir, tmp_path
     assert report["rounds"][0]["allocation"] == "start"  # the uniform allocation, scored first
     assert f"kept {report['best_cost']:.4f}" in stdout
     # the grid tuning ran by default: epoch 0 scores the grids as quantized, and the kept one is the best
-    assert len(report["tune_costs"]) == 3 and report["tune_costs"][report["tune_kept_epoch"]] == min(report["tune_costs"])
+    costs = report["tune_costs"]
+    assert len(costs) == 3 and costs[report["tune_kept_epoch"]] == min(costs)
     assert f"kept epoch {report['tune_kept_epoch']}" in stdout
