@@ -83,7 +83,8 @@ class _Catcher(nn.Module):
 
     def forward(self, hidden, *args, **kwargs):
         self.inputs.append(hidden.detach())
-        self.kwargs.append({k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "use_cache")})
+        dropped = ("past_key_values", "past_key_value", "use_cache")
+        self.kwargs.append({k: v for k, v in kwargs.items() if k not in dropped})
         raise _Stop
 
 

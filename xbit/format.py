@@ -202,10 +202,11 @@ def assemble(out: int, bits: torch.Tensor, perm: torch.Tensor, group_size: int, 
         raise ValueError("one codes/scales/zeros entry is needed per non-empty segment")
     device = bits.device
     qweight = [pack(c, s.bits) for s, c in zip(segs, seg_codes)]
+    no_half = torch.zeros(0, out, dtype=torch.float16, device=device)
     return {
         "qweight": torch.cat(qweight) if qweight else torch.zeros(0, out, dtype=torch.int32, device=device),
-        "scales": torch.cat(seg_scales).half() if seg_scales else torch.zeros(0, out, dtype=torch.float16, device=device),
-        "zeros": torch.cat(seg_zeros).half() if seg_zeros else torch.zeros(0, out, dtype=torch.float16, device=device),
+        "scales": torch.cat(seg_scales).half() if seg_scales else no_half,
+        "zeros": torch.cat(seg_zeros).half() if seg_zeros else no_half,
         "perm": perm.to(perm_dtype(in_features)),
         "bits": bits.to(torch.uint8),
     }

@@ -28,7 +28,8 @@ def inverse_hessian_chol(h: torch.Tensor, damp: float) -> torch.Tensor:
             lower = torch.linalg.cholesky(h)
             break
         except torch.linalg.LinAlgError:  # not positive definite: damp harder
-            h += 10.0 ** (attempt - 3) * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+            eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+            h += 10.0 ** (attempt - 3) * torch.diagonal(h).mean() * eye
     else:
         raise ValueError("calibration Hessian is not positive definite even after damping")
     hinv = torch.cholesky_inverse(lower)

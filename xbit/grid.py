@@ -32,8 +32,8 @@ def fit_minmax(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Min-max grid per row of w [out, cols] -> (scale, zero) float32 [out], already rounded to float16.
 
     The zero point is a float, so the grid spans exactly [min, max] (two free levels at 1 bit). A constant row, or
-    one whose zero point float16 cannot hold to half a step (values far from 0 relative to their spread), widens the range
-    to include 0, as GPTQ always does.
+    one whose zero point float16 cannot hold to half a step (values far from 0 relative to their spread), widens
+    the range to include 0, as GPTQ always does.
     """
     maxq = (1 << bits) - 1
     lo, hi = w.min(dim=1).values, w.max(dim=1).values

@@ -95,32 +95,51 @@ def cost_and_gradient(model, linears, deltas, ids, ref_logits, cost_fn, batch_si
 
 
 def learn_allocation(model, problem, solve, budget, linears, held_out_ids, cost_fn, delta_fn, rounds: int = 4,
-                     batch_size: int = 4, progress: bool = True, initial_weights=None, tied_heads=None, start=None):
-    """Rounds of (allocate, measure cost and gradients, update sensitivities). Returns (bits, history).
+                     batch_size: int = 4, progress: bool = True, initial_weights=None, tied_heads=None, start=None,
+                     fee: float = 0.0):
+    """Trust-region rounds of (allocate, measure cost and gradients, update sensitivities). Returns (bits, history).
 
     delta_fn(name, bits) -> Q - W of that layer as the final quantizer makes it (with error compensation, when
     the run compensates: the cost must score the errors the checkpoint will have). `start`: an allocation scored
     in round 0 instead of the solve (xbit passes the uniform one, so the result is never worse than uniform on the
-    held-out cost, and the first gradient is taken where the quantizer behaves as measured)."""
+    held-out cost, and the first gradient is taken where the quantizer behaves as measured).
+
+    Every later round re-solves with the sensitivities measured at the best allocation so far, anchored to it:
+    each byte moved is charged `fee` times the byte price (Problem.choose; `fee` is the first learned round's, 0
+    a free step). A round that lowers the cost is kept and halves the fee; one that does not is dropped and halves
+    the distance of the fee to 1 (a smaller step from the same point). The free Gauss-Newton step overshoots where
+    the proxy errors stop predicting the measured ones: on SmolLM2 at the GPTQ 2-bit size every free step was
+    worse than uniform, and the step at fee 0.875 was 9% better."""
     for p in model.parameters():
         p.requires_grad_(False)
     ref = reference_logits(model, held_out_ids, batch_size)
     weights = torch.ones(len(problem.names), dtype=torch.float64) if initial_weights is None else initial_weights
-    best, history = None, []
+    best, history, proposal = None, [], weights
     for r in tqdm(range(rounds), desc="learning allocation", disable=not progress):
         from_start = r == 0 and start is not None
-        bits = start if from_start else solve(problem, budget, weights)
+        if r == 0:
+            bits = start if from_start else solve(problem, budget, weights)
+        else:
+            bits = solve(problem, budget, proposal, anchor=best[1], fee=fee)
         deltas = {n: delta_fn(n, bits[n]) for n in problem.names}
         cost, grad = cost_and_gradient(model, linears, deltas, held_out_ids, ref, cost_fn, batch_size, tied_heads)
-        history.append({"round": r, "allocation": "start" if from_start else "learned",
-                        "cost": cost, "bytes": problem.exact_bytes(torch.cat(list(bits.values())))})
-        if best is None or cost < best[0]:
-            best = (cost, bits, weights.clone())
+        moved = 0 if r == 0 else sum((bits[n] != best[1][n]).sum().item() for n in problem.names)
+        history.append({"round": r, "allocation": "start" if from_start else "learned", "cost": cost,
+                        "fee": None if r == 0 else fee, "moved": moved / problem.err.shape[0],
+                        "bytes": problem.exact_bytes(torch.cat(list(bits.values())))})
+        if best is not None and cost >= best[0]:
+            fee = (1 + fee) / 2
+            continue
+        if r > 0:
+            fee = fee / 2
+        weights = proposal
+        best = (cost, bits, weights.clone())
         proxy = torch.tensor([problem.err[problem.layer_of == i].gather(1, bits[n].long()[:, None].cpu()).sum().item()
                               for i, n in enumerate(problem.names)], dtype=torch.float64)
         sens = (grad / (2 * proxy.clamp(min=1e-30))).clamp(min=0)
         floor = sens[sens > 0].median() * 1e-3 if (sens > 0).any() else 1.0
         sens = sens.clamp(min=floor)
         # the measured sensitivities replace the weights, damped: geometric mean with the previous ones
-        weights = (weights * sens * (weights.mean() / sens.mean())).sqrt()
-    return best[1], {"rounds": history, "best_cost": best[0], "sensitivities": dict(zip(problem.names, best[2].tolist()))}
+        proposal = (weights * sens * (weights.mean() / sens.mean())).sqrt()
+    sensitivities = dict(zip(problem.names, best[2].tolist()))
+    return best[1], {"rounds": history, "best_cost": best[0], "sensitivities": sensitivities}

@@ -253,12 +253,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allocation", default="learned", choices=ALLOCATIONS,
                    help="xbit: learned (default), proxy (no end-to-end learning) or uniform (ablation)")
     p.add_argument("--rounds", type=int, default=4,
-                   help="xbit: rounds of allocation learning; round 0 scores the uniform allocation (default 4)")
+                   help="xbit: rounds of allocation learning; round 0 scores the uniform allocation, a worse round "
+                        "shrinks the next step (default 4; use 5 at 2 bits)")
     p.add_argument("--min-bits", type=int, default=None,
                    help="xbit: smallest column depth allowed, 0..8 (default 2, lowered where the size needs it)")
     p.add_argument("--importance", type=float, default=0.5,
                    help="xbit: exponent on E[x_j^2] in the column error (default 0.5; 1 = plain output MSE)")
-    p.add_argument("--no-compensate", action="store_true", help="xbit: plain rounding instead of GPTQ-style compensation")
+    p.add_argument("--no-compensate", action="store_true",
+                   help="xbit: plain rounding instead of GPTQ-style compensation")
     p.add_argument("--float-embeddings", action="store_true",
                    help="xbit: keep the embedding table and output head in float, as GPTQ does (default: they are "
                         "candidates for bits like every other weight)")
@@ -379,7 +381,8 @@ def run(args) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    if args.method in ("rtn", "gptq") and args.bits is not None and (args.bits != int(args.bits) or not 1 <= args.bits <= MAX_BITS):
+    integer_bits = args.bits is not None and args.bits == int(args.bits) and 1 <= args.bits <= MAX_BITS
+    if args.method in ("rtn", "gptq") and args.bits is not None and not integer_bits:
         raise UsageError(f"--bits for {args.method} is an integer code width 1..{MAX_BITS}, got {args.bits}")
     model, tok, model_id = _load_model(args.model, device)
     float_dtype = FLOAT_DTYPES[args.dtype]

@@ -59,6 +59,58 @@ def test_solution_never_exceeds_budget_and_lands_close(seed):
     assert used >= budget * 0.99  # (on whole models the benchmarks hold it to 0.5%)
 
 
+def test_fee_keeps_the_solve_near_its_anchor():
+    """fee 0 is the free solve; a higher fee moves fewer columns away from the anchor at the same budget and
+    never beats the free solve's proxy error; fee >= 1 returns the anchor itself."""
+    p = random_problem(5)
+    budget = p.exact_bytes(torch.full((p.err.shape[0],), 3))
+    anchor = {n: torch.full((p.shapes[n][1],), 3, dtype=torch.uint8) for n in p.names}
+    weights = torch.linspace(0.5, 2.0, len(p.names), dtype=torch.float64)
+    flat = lambda bits: torch.cat([bits[n].long() for n in p.names])
+    rows = torch.arange(p.err.shape[0])
+    proxy = lambda b: (p.err[rows, b] * weights[p.layer_of]).sum().item()
+    free = flat(solve(p, budget, weights))
+    assert torch.equal(flat(solve(p, budget, weights, anchor=anchor, fee=0.0)), free)
+    moved, errors = [], []
+    for fee in (0.0, 0.3, 0.6, 0.9):
+        b = flat(solve(p, budget, weights, anchor=anchor, fee=fee))
+        assert p.exact_bytes(b) <= budget
+        moved.append((b != 3).sum().item())
+        errors.append(proxy(b))
+    assert moved[0] > moved[1] > moved[2] > moved[3] > 0
+    assert min(errors) == errors[0] and errors[-1] < proxy(flat(anchor))  # a small move still pays
+    assert torch.equal(flat(solve(p, budget, weights, anchor=anchor, fee=1.0)), flat(anchor))
+
+
+def test_trust_region_drops_worse_rounds_and_shrinks_the_step(monkeypatch):
+    """With a stand-in cost that punishes every column moved away from the start, every learned round is worse:
+    each is dropped, the fee climbs 0 -> 0.5 -> 0.75, and the start comes back. With a cost that rewards
+    moves, the first round is kept and the fee halves."""
+    import xbit.learn as learn
+
+    p = random_problem(2)
+    budget = p.exact_bytes(torch.full((p.err.shape[0],), 3))
+    start = {n: torch.full((p.shapes[n][1],), 3, dtype=torch.uint8) for n in p.names}
+
+    def run(sign):
+        def stand_in_cost(model, linears, deltas, ids, ref, cost_fn, batch_size, tied_heads):
+            moved = sum((d != 3).sum().item() for d in deltas.values())
+            return 1.0 + sign * moved / 1000, torch.linspace(1.0, 3.0, len(p.names), dtype=torch.float64)
+
+        monkeypatch.setattr(learn, "reference_logits", lambda *a: None)
+        monkeypatch.setattr(learn, "cost_and_gradient", stand_in_cost)
+        return learn.learn_allocation(torch.nn.Linear(1, 1), p, solve, budget, {}, None, None,
+                                      lambda name, bits: bits, rounds=4, progress=False, start=start)
+
+    bits, report = run(+1)
+    assert all(torch.equal(bits[n], start[n]) for n in p.names)
+    assert [r["fee"] for r in report["rounds"]] == [None, 0.0, 0.5, 0.75]
+    assert report["best_cost"] == 1.0 and all(r["moved"] > 0 for r in report["rounds"][1:])
+    bits, report = run(-1)
+    assert report["best_cost"] < 1.0 and any(not torch.equal(bits[n], start[n]) for n in p.names)
+    assert report["rounds"][2]["fee"] == 0.0
+
+
 def test_budget_below_the_format_floor_is_refused():
     p = random_problem()
     with pytest.raises(ValueError, match="below the smallest allocation"):

@@ -54,14 +54,16 @@ def test_from_pretrained_after_import(saved):
 
 def test_tied_embeddings_stored_once_and_untied_twice(tmp_path):
     model, qc, rep = quantized_tiny(tie=True)
-    tied = load_file(tmp_path / "a" / "model.safetensors") if checkpoint.save(model, None, tmp_path / "a", qc, rep) else None
+    assert checkpoint.save(model, None, tmp_path / "a", qc, rep) > 0
+    tied = load_file(tmp_path / "a" / "model.safetensors")
     assert "lm_head.weight" not in tied and "model.embed_tokens.weight" in tied
     model, qc, rep = quantized_tiny(tie=False, bias=True)
     checkpoint.save(model, None, tmp_path / "b", qc, rep)
     untied = load_file(tmp_path / "b" / "model.safetensors")
     assert "lm_head.weight" in untied and "model.layers.0.self_attn.q_proj.bias" in untied
     loaded = xbit.load(tmp_path / "b", device="cpu", dtype=torch.float32)
-    assert torch.equal(loaded.model.layers[0].self_attn.q_proj.bias.half(), untied["model.layers.0.self_attn.q_proj.bias"])
+    bias = untied["model.layers.0.self_attn.q_proj.bias"]
+    assert torch.equal(loaded.model.layers[0].self_attn.q_proj.bias.half(), bias)
 
 
 def test_size_reported_equals_bytes_written(saved, tmp_path):

@@ -93,7 +93,8 @@ def test_error_gates_at_one_equal_the_quantized_table_in_both_roles():
     want_model = copy.deepcopy(model)
     want_model.model.embed_tokens.weight.data += delta  # tied: the head sees it too
     ids = torch.tensor([[3, 9, 27, 81, 5]])
-    gates = ErrorGates({"model.embed_tokens": emb}, {"model.embed_tokens": delta}, {"model.embed_tokens": model.lm_head})
+    name = "model.embed_tokens"
+    gates = ErrorGates({name: emb}, {name: delta}, {name: model.lm_head})
     with torch.no_grad():
         got = model(ids).logits
     gates.remove()
