@@ -48,16 +48,17 @@ class Problem:
         self.mask = torch.full((MAX_BITS + 1,), float("inf"), dtype=torch.float64)
         self.mask[list(allowed)] = 0.0
 
-    def choose(self, lam: float, weights: torch.Tensor, anchor: torch.Tensor | None = None,
-               fee: float = 0.0) -> torch.Tensor:
-        """Per-column depth minimising a_l * err + lam * cost (ties go to fewer bits).
+    def price(self, anchor: torch.Tensor | None = None, fee: float = 0.0) -> torch.Tensor:
+        """cost, plus `fee` times every byte a column moves away from `anchor` (flat depths), so at a given lam an
+        upgrade must gain (1 + fee) times its price and a downgrade frees only (1 - fee) of it. fee 0 is the free
+        solve; at fee >= 1 no column leaves its anchor (the learning's trust region)."""
+        if anchor is None or fee <= 0:
+            return self.cost
+        return self.cost + fee * (self.cost - self.cost.gather(1, anchor.long()[:, None])).abs()
 
-        `anchor` (flat depths) with `fee` in [0, 1): every byte moved away from the anchor's depth is charged
-        lam * fee on top, so an upgrade must gain (1 + fee) times the price and a downgrade frees only (1 - fee)
-        of it. fee 0 is the free solve; at fee >= 1 no column leaves its anchor (the learning's trust region)."""
-        price = self.cost
-        if anchor is not None and fee > 0:
-            price = price + fee * (self.cost - self.cost.gather(1, anchor.long()[:, None])).abs()
+    def choose(self, lam: float, weights: torch.Tensor, price: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-column depth minimising a_l * err + lam * price (default: cost; ties go to fewer bits)."""
+        price = self.cost if price is None else price
         obj = self.err * weights[self.layer_of][:, None] + lam * price + self.mask
         return obj.argmin(dim=1)
 
@@ -83,12 +84,13 @@ def solve(problem: Problem, budget_bytes: int, weights: torch.Tensor | None = No
 
     Bisection on lam in log space; the result is then filled greedily, one column upgrade at a time by the best
     error drop per byte, while it still fits (so the result lands just under the budget). `anchor` (depths per
-    layer) and `fee`: moves away from the anchor cost extra (Problem.choose), so the result stays near it.
+    layer) and `fee`: moves away from the anchor cost extra (Problem.price), so the result stays near it.
     """
     weights = torch.ones(len(problem.names), dtype=torch.float64) if weights is None else weights.double()
     flat_anchor = None if anchor is None else torch.cat([anchor[n].long().cpu() for n in problem.names])
     if flat_anchor is not None and fee >= 1 and problem.exact_bytes(flat_anchor) <= budget_bytes:
         return problem.split(flat_anchor)  # no move can pay its fee
+    price = problem.price(flat_anchor, fee)  # (once: it does not depend on lam)
     lo, hi = 1e-30, 1e30
     best = problem.choose(hi, weights)
     if problem.exact_bytes(best) > budget_bytes:
@@ -96,7 +98,7 @@ def solve(problem: Problem, budget_bytes: int, weights: torch.Tensor | None = No
                          f"({problem.exact_bytes(best)} bytes)")
     for _ in range(iters):
         mid = (lo * hi) ** 0.5
-        bits = problem.choose(mid, weights, flat_anchor, fee)
+        bits = problem.choose(mid, weights, price)
         if problem.exact_bytes(bits) <= budget_bytes:
             best, hi = bits, mid
         else:

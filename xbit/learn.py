@@ -105,7 +105,7 @@ def learn_allocation(model, problem, solve, budget, linears, held_out_ids, cost_
     held-out cost, and the first gradient is taken where the quantizer behaves as measured).
 
     Every later round re-solves with the sensitivities measured at the best allocation so far, anchored to it:
-    each byte moved is charged `fee` times the byte price (Problem.choose; `fee` is the first learned round's, 0
+    each byte moved is charged `fee` times the byte price (Problem.price; `fee` is the first learned round's, 0
     a free step). A round that lowers the cost is kept and halves the fee; one that does not is dropped and halves
     the distance of the fee to 1 (a smaller step from the same point). The free Gauss-Newton step overshoots where
     the proxy errors stop predicting the measured ones: on SmolLM2 at the GPTQ 2-bit size every free step was
