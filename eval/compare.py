@@ -4,11 +4,12 @@
         --out runs/smollm2 --max-tokens 16384 --limit 100
 
 Targets (each becomes one byte count shared by every method):
-  gptq:B   the checkpoint bytes of a uniform B-bit, group-128 quantization in the xbit format (what a GPTQ g128
-           B-bit checkpoint costs here: codes, scales and zeros of every linear, float16 for the rest)
+  gptq:B   the file bytes of a standard GPTQ B-bit g128 checkpoint of the model (GPTQModel/AutoGPTQ layout,
+           xbit.sizes.gptq_checkpoint_bytes); rtn and gptq are that B-bit quantization itself there
   2.56     bits per weight over the whole checkpoint (bytes = bits x parameters / 8)
   60MB     a plain size (B, KB, MB, GB, KiB, MiB, GiB)
-Uniform methods (rtn, gptq) take the widest code width that fits; xbit fills the bytes.
+Elsewhere uniform methods (rtn, gptq) take the widest code width that fits; xbit fills the bytes. Every cell is
+evaluated on its checkpoint written to disk and loaded back, as users get it.
 Methods: rtn, gptq, xbit, and the xbit ablations xbit-uniform (the same bytes, the allocation forced uniform),
 xbit-float-emb (embedding table and head kept float16 as GPTQ keeps them: regime b), xbit-float-emb-uniform (both),
 xbit-no-rotation / xbit-float-emb-no-rotation (the layers quantized in their original basis),
@@ -69,26 +70,21 @@ def _linears(model):
     return xbit.quantize.quantizable_linears(model)
 
 
-def gptq_equivalent_bytes(model, bits: int, group_size: int = 128, float_dtype=torch.float16) -> int:
-    """Checkpoint bytes of a uniform `bits`-bit, group-`group_size` quantization of every linear (head excluded)."""
-    from xbit.sizes import float_component_bytes, plan_bytes, uniform_counts
-
-    linears = _linears(model)
-    plan = {n: uniform_counts(m.in_features, bits) for n, m in linears.items()}
-    return float_component_bytes(model, set(linears), float_dtype) + plan_bytes(linears, plan, group_size)
-
-
 def parameter_count(model) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
 def resolve_target(spec: str, model) -> int:
-    """A target string (gptq:B, bits per weight, or a size) -> checkpoint bytes."""
+    """A target string (gptq:B[:G], bits per weight, or a size) -> checkpoint file bytes. gptq:B is the file of a
+    standard GPTQ B-bit g128 checkpoint of the model (xbit.sizes.gptq_checkpoint_bytes)."""
+    import xbit
     from xbit.sizes import parse_size
 
-    m = re.fullmatch(r"gptq:([1-8])", spec.strip())
-    if m:
-        return gptq_equivalent_bytes(model, int(m.group(1)))
+    if spec.strip().startswith("gptq:"):
+        try:
+            return xbit.quantize.match_size(model, spec.strip())
+        except xbit.quantize.UsageError as e:
+            raise CompareError(f"cannot read target {spec!r}: {e}") from None
     if re.fullmatch(r"[0-9]*\.?[0-9]+", spec.strip()):
         bpw = float(spec)
         if not 0 < bpw < 16:
@@ -144,20 +140,11 @@ def _evaluate(model, tok, args, texts: dict[str, list[str]]) -> tuple[dict, dict
 
 def _calib_kwargs(method: str, args) -> dict:
     """Calibration arguments for methods that take them (gptq, xbit): SOTU before 2000 unless --calib says."""
-    import inspect
-
-    import xbit
-
-    params = inspect.signature(xbit.quantize.quantize_model).parameters
-    if method == "rtn" or "calib" not in params:
+    if method == "rtn":
         return {}
     if getattr(args, "_calib_texts", None) is None:
         args._calib_texts = [t for docs in _load_texts([args.calib]).values() for t in docs]
-    kw = {"calib": args._calib_texts}
-    for name, value in (("calib_samples", args.calib_samples), ("seq_len", args.calib_seq_len)):
-        if name in params:
-            kw[name] = value
-    return kw
+    return {"calib": args._calib_texts, "calib_samples": args.calib_samples, "seq_len": args.calib_seq_len}
 
 
 def _measurement_kwargs(method: str, extra: dict, args) -> dict:
@@ -172,6 +159,17 @@ def _measurement_kwargs(method: str, extra: dict, args) -> dict:
     grid = "" if extra.get("grid", "mse") == "mse" else "-minmax"
     path = Path(args.out) / f"measurement-{regime}{basis}{grid}-{calib}.safetensors"
     return {"load_measurement": path} if path.is_file() else {"save_measurement": path}
+
+
+def _reloaded(model, tok, qconfig, report):
+    """The checkpoint as users get it: written to disk and loaded back (xbit.load's dtype for the device)."""
+    import xbit
+
+    device = next(model.parameters()).device.type
+    with tempfile.TemporaryDirectory(prefix="xbit-compare-") as scratch:
+        xbit.checkpoint.save(model, tok, Path(scratch) / "checkpoint", qconfig, report)
+        del model
+        return xbit.load(Path(scratch) / "checkpoint", device=device)
 
 
 def run_cell(ref_model, tok, method: str, target: str, target_bytes: int | None, args, texts) -> dict:
@@ -189,12 +187,19 @@ def run_cell(ref_model, tok, method: str, target: str, target_bytes: int | None,
     else:
         model = copy.deepcopy(ref_model)
         base, extra = METHODS[method]
-        model, _, report = xbit.quantize(model, tok, method=base, size=target_bytes,
-                                         group_size=args.group_size, progress=args.progress,
-                                         **_calib_kwargs(base, args), **extra, **_measurement_kwargs(base, extra, args))
-        if report["checkpoint_bytes"] > target_bytes:
-            raise RuntimeError(f"{key}: {report['checkpoint_bytes']} bytes exceed the target {target_bytes}")
-        cell.update({k: report[k] for k in ("checkpoint_bytes", "bits_per_weight_total", "bits_per_weight_layers")})
+        # a uniform baseline at gptq:B is that B-bit quantization itself (stored in xbit's layout, which is a
+        # little larger than the GPTQ file); every other cell must fit the target's file bytes
+        width = int(target.split(":")[1]) if base in ("rtn", "gptq") and target.startswith("gptq:") else None
+        target_kw = {"code_bits": width} if width else {"size": target_bytes}
+        model, qconfig, report = xbit.quantize(model, tok, method=base, **target_kw,
+                                               group_size=args.group_size, progress=args.progress,
+                                               **_calib_kwargs(base, args), **extra,
+                                               **_measurement_kwargs(base, extra, args))
+        model = _reloaded(model, tok, qconfig, report)
+        if not width and report["file_bytes"] > target_bytes:
+            raise RuntimeError(f"{key}: {report['file_bytes']} file bytes exceed the target {target_bytes}")
+        cell.update({k: report[k] for k in ("checkpoint_bytes", "file_bytes", "bits_per_weight_total",
+                                            "bits_per_weight_layers")})
         cell["code_bits"] = report.get("code_bits")
         cell["learning"] = {k: report[k] for k in ("min_bits", "rounds", "best_cost", "tune_costs", "tune_kept_epoch")
                             if k in report}
@@ -235,7 +240,7 @@ def markdown_table(cells: list[dict], texts: list[str]) -> str:
             row += [f"{c.get('target_bytes') or '':,}" if c.get("target_bytes") else "",
                     f"{c['status']}: {c.get('message', '')}"] + [""] * (len(head) - 4)
         else:
-            row += [f"{c['checkpoint_bytes']:,}", _fmt(c.get("bits_per_weight_total")),
+            row += [f"{c.get('file_bytes', c['checkpoint_bytes']):,}", _fmt(c.get("bits_per_weight_total")),
                     _fmt(c.get("bits_per_weight_layers")), f"{c['code_bits']}-bit" if c.get("code_bits") else "-"]
             row += [_fmt(c["ppl"][t]["ppl"]) if t in c.get("ppl", {}) else "" for t in texts]
             row += [_fmt((c.get("tasks") or {}).get(t, {}).get(m), 2 if m == "perplexity" else 3) for t, m in tcols]

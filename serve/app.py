@@ -74,9 +74,10 @@ def create_app(model_dir: str | None = None, *, model=None, tokenizer=None, serv
         try:
             st.attach(*load_model(model_dir, device))
             log.info("model %s ready (max_seq_len=%d)", model_dir, st.engine.max_seq_len)
-        except (OSError, ValueError, RuntimeError, KeyError, ImportError) as e:
-            st.load_error = f"{type(e).__name__}: {e}"
+        except Exception as e:  # thread boundary: any failure must reach /health and on_load_error, not vanish
+            st.load_error = " ".join(f"{type(e).__name__}: {e}".split())  # one line for /health and the exit message
             log.error("loading %s failed: %s", model_dir, st.load_error)
+            log.debug("loading %s failed", model_dir, exc_info=True)
             if on_load_error:
                 on_load_error(st.load_error)
 

@@ -65,7 +65,9 @@ class Engine:
         limit = getattr(model.config, "max_position_embeddings", None) or 2048
         self.max_seq_len = min(max_seq_len or limit, limit)
         self.max_batch, self.max_queue = max_batch, max_queue
-        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        # Quantized heads (XbitLinear, XbitTiedHead) have no .weight; every head has out_features.
+        head = model.get_output_embeddings()
+        self.vocab_size = getattr(head, "out_features", None) or model.config.get_text_config().vocab_size
         eos = getattr(model.generation_config, "eos_token_id", None) or model.config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
         self.eos_ids = {e for e in eos + [tokenizer.eos_token_id] if e is not None}
@@ -118,7 +120,7 @@ class Engine:
             while not self._stop.is_set():
                 try:
                     busy = self._step()
-                except (RuntimeError, ValueError, torch.OutOfMemoryError) as e:  # keep serving other requests
+                except Exception as e:  # thread boundary: fail the running requests, keep serving the others
                     log.exception("engine step failed")
                     for s in self.active:
                         self._finish(s, "error", error=str(e))
@@ -146,6 +148,8 @@ class Engine:
             seqs = self.waiting.get_nowait()
             seqs = [s for s in seqs if not s.cancelled]
             if seqs:
+                if self.metrics:  # count them as running before their first token can reach a client
+                    self.metrics.set_load(self.waiting.qsize(), len(self.active) + len(seqs))
                 self._prefill(seqs)
                 self.active += [s for s in seqs if not s.finished]
                 admitted = True

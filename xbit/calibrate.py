@@ -12,6 +12,8 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
+from .arch import adapter_for
+
 
 def init_distributed() -> tuple[int, int]:
     """(rank, world size). Under `torchrun` or `accelerate launch` (WORLD_SIZE > 1) joins the process group first:
@@ -53,17 +55,8 @@ def calibration_ids(tokenizer, texts: list[str], n_samples: int, seq_len: int, s
     return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
 
 
-BLOCK_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers")
-
-
 def decoder_layers_path(model) -> str:
-    for path in BLOCK_PATHS:
-        try:
-            if isinstance(model.get_submodule(path), nn.ModuleList):
-                return path
-        except AttributeError:
-            continue
-    raise ValueError("cannot find the decoder blocks of this model (looked for model.layers and friends)")
+    return adapter_for(model).blocks
 
 
 def decoder_layers(model) -> nn.ModuleList:
@@ -74,31 +67,40 @@ class _Stop(Exception):
     pass
 
 
-class _Catcher(nn.Module):
-    """Stands in for block 0 and records what the model feeds it."""
+class _Recorder(nn.Module):
+    """Stands in for one decoder block and records what the model feeds it: the hidden states (block 0 only) and
+    the keyword arguments, which differ per block in some families (Gemma's sliding and global attention layers
+    get their own masks and rotary tables). Passes the hidden states on unchanged; the last one stops the model."""
 
-    def __init__(self, block):
+    DROPPED = ("past_key_values", "past_key_value", "cache", "use_cache")
+
+    def __init__(self, index: int, last: bool, inputs: list, kwargs: list):
         super().__init__()
-        self.block, self.inputs, self.kwargs = block, [], []
+        self.index, self.last, self.inputs, self.kwargs = index, last, inputs, kwargs
 
     def forward(self, hidden, *args, **kwargs):
-        self.inputs.append(hidden.detach())
-        dropped = ("past_key_values", "past_key_value", "use_cache")
-        self.kwargs.append({k: v for k, v in kwargs.items() if k not in dropped})
-        raise _Stop
+        if self.index == 0:
+            self.inputs.append(hidden.detach())
+        self.kwargs[self.index].append({k: v for k, v in kwargs.items() if k not in self.DROPPED})
+        if self.last:
+            raise _Stop
+        return hidden
 
 
 @torch.no_grad()
 def block_inputs(model, ids: torch.Tensor, device, batch_size: int = 8):
-    """Hidden states entering block 0 for each calibration batch, and the keyword arguments of each batch."""
+    """Hidden states entering block 0 for each calibration batch, and for every block the keyword arguments it
+    gets for each batch ([block][batch])."""
     path = decoder_layers_path(model)
     layers = model.get_submodule(path)
     parent = model.get_submodule(path.rpartition(".")[0]) if "." in path else model
     for child in parent.children():  # embeddings and rotary tables go to the compute device; blocks stay home
         if child is not layers:
             child.to(device)
-    catcher = _Catcher(layers[0])
-    layers[0] = catcher
+    blocks = list(layers)
+    inputs, kwargs = [], [[] for _ in blocks]
+    for i in range(len(blocks)):
+        layers[i] = _Recorder(i, i == len(blocks) - 1, inputs, kwargs)
     try:
         for i in range(0, ids.shape[0], batch_size):
             try:
@@ -106,8 +108,9 @@ def block_inputs(model, ids: torch.Tensor, device, batch_size: int = 8):
             except _Stop:
                 pass
     finally:
-        layers[0] = catcher.block
-    return catcher.inputs, catcher.kwargs
+        for i, block in enumerate(blocks):
+            layers[i] = block
+    return inputs, kwargs
 
 
 class HessianHook:
@@ -139,7 +142,32 @@ class HessianHook:
         self.shared.clear()
         tokens = torch.tensor([float(self.tokens)], dtype=torch.float64, device=self.h.device)
         _sum_over_processes(self.h, tokens)
-        return self.h / tokens.clamp(min=1).item()
+        self.total = tokens.item()  # tokens seen over all processes
+        return self.h / max(self.total, 1.0)
+
+
+EXPERT_PRIOR_TOKENS = 256  # pseudo-tokens of the sibling experts' statistics mixed into each expert's own
+
+
+def pool_experts(means: dict, tokens: dict) -> dict:
+    """E[x x^T] of MoE experts shrunk towards their siblings' (the same projection of the block's other experts):
+    (n H + n0 H_siblings) / (n + n0), n0 = EXPERT_PRIOR_TOKENS. An expert the router sent few or no calibration
+    tokens thus gets the statistics of the inputs experts do see instead of zeros (which would give its columns
+    0 bits, or a singular GPTQ Hessian); one that saw many tokens keeps its own. Other layers pass unchanged."""
+    groups = {}
+    for name in means:
+        parts = name.split(".")
+        if len(parts) >= 3 and parts[-3] == "experts" and parts[-2].isdigit():
+            groups.setdefault((*parts[:-2], parts[-1]), []).append(name)
+    out = dict(means)
+    for names in groups.values():
+        total = sum(tokens[n] for n in names)
+        if total == 0:
+            continue
+        pooled = sum(means[n] * tokens[n] for n in names) / total
+        for n in names:
+            out[n] = (means[n] * tokens[n] + pooled * EXPERT_PRIOR_TOKENS) / (tokens[n] + EXPERT_PRIOR_TOKENS)
+    return out
 
 
 @torch.no_grad()
@@ -159,10 +187,11 @@ def run_blocks(model, ids: torch.Tensor, device, quantize_block, batch_size: int
         linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
         shared = {}
         hooks = {n: HessianHook(m, diag_only, shared) for n, m in linears.items()}
-        for h, kw in zip(hidden, kwargs):
+        for h, kw in zip(hidden, kwargs[i]):
             block(h, **kw)
-        quantize_block(i, block, {n: hook.mean() for n, hook in hooks.items()})
-        hidden = [_block_output(block(h, **kw)) for h, kw in zip(hidden, kwargs)]
+        quantize_block(i, block, pool_experts({n: hook.mean() for n, hook in hooks.items()},
+                                              {n: hook.total for n, hook in hooks.items()}))
+        hidden = [_block_output(block(h, **kw)) for h, kw in zip(hidden, kwargs[i])]
         block.to(home)
     return hidden
 
@@ -171,18 +200,9 @@ def _block_output(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-FINAL_NORMS = ("norm", "final_layer_norm", "ln_f", "final_layernorm")
-
-
 def final_norm(model) -> nn.Module:
     """The normalisation between the last decoder block and the output head."""
-    parent = decoder_layers_path(model).rpartition(".")[0]
-    base = model.get_submodule(parent) if parent else model
-    for name in FINAL_NORMS:
-        if isinstance(getattr(base, name, None), nn.Module):
-            return getattr(base, name)
-    raise ValueError("cannot find the final norm before the output head (looked for model.norm and friends); "
-                     "keep the embeddings in float with --float-embeddings")
+    return model.get_submodule(adapter_for(model).final_norm)
 
 
 @torch.no_grad()

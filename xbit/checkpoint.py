@@ -1,7 +1,8 @@
 """Checkpoints: a Hugging Face folder with safetensors, written atomically, validated before loading.
 
-Size accounting: the checkpoint size is the sum of the tensor bytes in its safetensors files (every stored
-component, tied weights once). The JSON headers and config files are a few kB and are reported separately.
+Size accounting: a checkpoint's tensor bytes are the sum over its stored tensors (every component, tied weights
+once); its file bytes are the sizes of its .safetensors files on disk (tensors plus each file's header), the
+number every size target bounds. Config, tokenizer and report files are not counted.
 """
 
 import json
@@ -15,8 +16,10 @@ import torch
 from safetensors.torch import save_file
 
 from .format import READABLE_VERSIONS, layer_shapes
+from .sizes import FILE_METADATA, safetensors_header_bytes
 
 REPORT_NAME = "xbit_report.json"
+MAX_SHARD_BYTES = 4 << 30  # tensor bytes per .safetensors file before save splits the checkpoint
 SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "I32": torch.int32,
                       "I16": torch.int16, "U8": torch.uint8, "I64": torch.int64, "I8": torch.int8}
 
@@ -43,6 +46,16 @@ def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+def file_bytes(tensors: dict[str, torch.Tensor], max_shard_bytes: int = MAX_SHARD_BYTES) -> int:
+    """The bytes `save` writes into .safetensors files for these tensors (headers included), computed exactly
+    without writing."""
+    total = 0
+    for shard in _shards(tensors, max_shard_bytes):
+        entries = [(name, t.dtype, tuple(t.shape)) for name, t in shard.items()]
+        total += tensor_bytes(shard) + safetensors_header_bytes(entries, FILE_METADATA)
+    return total
+
+
 def _shards(tensors: dict, max_shard_bytes: int) -> list[dict]:
     shards, cur, size = [], {}, 0
     for name, t in tensors.items():
@@ -55,16 +68,46 @@ def _shards(tensors: dict, max_shard_bytes: int) -> list[dict]:
     return shards + [cur]
 
 
+def check_output(out_dir, overwrite: bool):
+    """The output folder may be written: it does not exist, or is empty, or (with overwrite) holds an xbit
+    checkpoint; nothing else is ever replaced. Its parent must be a folder (or not exist yet)."""
+    out_dir = Path(out_dir).absolute()
+    for parent in out_dir.parents:
+        if parent.exists() and not parent.is_dir():
+            raise CheckpointError(f"output {out_dir}: {parent} is a file, not a folder")
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise CheckpointError(f"output {out_dir} is a file, not a folder")
+    if not any(out_dir.iterdir()):
+        return
+    if not overwrite:
+        raise CheckpointError(f"output folder {out_dir} exists and is not empty (use --overwrite)")
+    if not _is_xbit_checkpoint(out_dir):
+        raise CheckpointError(f"--overwrite replaces only an xbit checkpoint, and {out_dir} is not one "
+                              "(no config.json with quant_method xbit); choose another --out")
+    if Path.cwd().absolute() in (out_dir, *out_dir.parents):
+        raise CheckpointError(f"output folder {out_dir} holds the current folder; choose another --out")
+
+
+def _is_xbit_checkpoint(folder: Path) -> bool:
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and (config.get("quantization_config") or {}).get("quant_method") == "xbit"
+
+
 def save(model, tokenizer, out_dir, quantization_config: dict, report: dict, float_dtype=torch.float16,
-         max_shard_bytes: int = 4 << 30, overwrite: bool = False) -> int:
-    """Write model (with XbitLinear modules) as a checkpoint folder; returns its size in tensor bytes.
+         max_shard_bytes: int = MAX_SHARD_BYTES, overwrite: bool = False) -> int:
+    """Write model (with XbitLinear modules) as a checkpoint folder; returns the bytes of its .safetensors files
+    on disk (headers included).
 
     Everything is written to a temporary folder beside `out_dir` and renamed into place at the end, so an
     interrupted or failed save never leaves a folder under the output name.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise CheckpointError(f"output folder {out_dir} exists and is not empty (use --overwrite)")
+    check_output(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tensors = state_dict_to_store(model, float_dtype)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
@@ -79,23 +122,24 @@ def save(model, tokenizer, out_dir, quantization_config: dict, report: dict, flo
             tokenizer.save_pretrained(tmp)
         shards = _shards(tensors, max_shard_bytes)
         if len(shards) == 1:
-            save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
+            save_file(shards[0], tmp / "model.safetensors", metadata=FILE_METADATA)
         else:
             weight_map = {}
             for i, shard in enumerate(shards):
                 fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, tmp / fname, metadata={"format": "pt"})
+                save_file(shard, tmp / fname, metadata=FILE_METADATA)
                 weight_map.update({k: fname for k in shard})
             index = {"metadata": {"total_size": tensor_bytes(tensors)}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=1))
+        written = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return tensor_bytes(tensors)
+    return written
 
 
 def read_header(path: Path) -> dict:

@@ -6,6 +6,7 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from . import checkpoint
+from .arch import split_experts
 from .format import FORMAT_VERSION
 from .modules import XbitEmbedding, XbitLinear, XbitTiedHead
 
@@ -20,7 +21,11 @@ def layer_spec(m: XbitLinear) -> dict:
             "bias": m.bias is not None}
     if m.rotation_block:
         spec["rotation_block"] = m.rotation_block
-    return {**spec, "kind": "embedding"} if isinstance(m, XbitEmbedding) else spec
+    if isinstance(m, XbitEmbedding):
+        spec["kind"] = "embedding"
+        if m.embed_scale != 1.0:
+            spec["embed_scale"] = m.embed_scale
+    return spec
 
 
 def _build(name: str, old, spec: dict):
@@ -29,7 +34,7 @@ def _build(name: str, old, spec: dict):
         if not isinstance(old, torch.nn.Embedding) or tuple(old.weight.shape) != (spec["out"], spec["in"]):
             raise checkpoint.CheckpointError(f"embedding {name} in quantization_config does not match the model")
         return XbitEmbedding(spec["out"], spec["in"], spec["counts"], spec["group_size"], dtype=old.weight.dtype,
-                             device=old.weight.device)
+                             device=old.weight.device, embed_scale=spec.get("embed_scale", 1.0))
     if not isinstance(old, torch.nn.Linear) or (old.in_features, old.out_features) != (spec["in"], spec["out"]):
         raise checkpoint.CheckpointError(f"layer {name} in quantization_config does not match the model")
     return XbitLinear(spec["in"], spec["out"], spec["counts"], spec["group_size"], bias=spec.get("bias", False),
@@ -60,6 +65,8 @@ class XbitHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         cfg = self.quantization_config
         checkpoint.check_version(cfg.to_dict())
+        if getattr(cfg, "split_experts", False):  # the checkpoint holds one linear per expert (xbit.moe)
+            split_experts(model, empty=True)
         for name, spec in cfg.layers.items():
             set_submodule(model, name, _build(name, model.get_submodule(name), spec))
         for head, table in (getattr(cfg, "tied", None) or {}).items():  # one stored table serves both

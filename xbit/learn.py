@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .arch import adapter_for
+
 
 def kl_cost(logits, ref_logits, ids):
     """KL(original || quantized) per predicted token, averaged."""
@@ -48,11 +50,13 @@ class ErrorGates:
     """Forward hooks adding t_l * (Q_l - W_l) x to each layer's output, with t a differentiable vector.
 
     An embedding adds t_l * (Q_l - W_l)[ids]; a head tied to an embedding (`tied_heads`: embedding name -> head
-    module) shares that embedding's gate, since one table serves both."""
+    module) shares that embedding's gate, since one table serves both. `scale_of(embedding)`: the factor the
+    embedding applies to its lookups (xbit.arch), which its error gets too."""
 
-    def __init__(self, linears: dict, deltas: dict, tied_heads: dict | None = None):
+    def __init__(self, linears: dict, deltas: dict, tied_heads: dict | None = None, scale_of=None):
         self.t = torch.ones(len(linears), requires_grad=True)
         self.handles = []
+        self.scale_of = scale_of or (lambda embedding: 1.0)
         for i, (name, module) in enumerate(linears.items()):
             for user in [module] + ([tied_heads[name]] if tied_heads and name in tied_heads else []):
                 self.handles.append(user.register_forward_hook(self._hook(i, deltas[name])))
@@ -60,7 +64,10 @@ class ErrorGates:
     def _hook(self, i, delta):
         def hook(module, inputs, output):
             d = delta.to(output.dtype)
-            err = F.embedding(inputs[0], d) if isinstance(module, nn.Embedding) else F.linear(inputs[0], d)
+            if isinstance(module, nn.Embedding):
+                err = F.embedding(inputs[0], d) * torch.tensor(self.scale_of(module), dtype=output.dtype)
+            else:
+                err = F.linear(inputs[0], d)
             return output + self.t[i].to(output.dtype) * err
         return hook
 
@@ -69,15 +76,28 @@ class ErrorGates:
             h.remove()
 
 
-def reference_logits(model, ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+def reference_logits(model, ids: torch.Tensor, batch_size: int, dtype=None) -> list[torch.Tensor]:
+    """The model's logits per batch of `ids` (kept in `dtype` on the CPU when given, to hold them compactly)."""
     with torch.no_grad():
-        return [model(ids[i : i + batch_size].to(model.device), use_cache=False).logits
-                for i in range(0, ids.shape[0], batch_size)]
+        out = [model(ids[i : i + batch_size].to(model.device), use_cache=False).logits
+               for i in range(0, ids.shape[0], batch_size)]
+    return [o.to(dtype=dtype, device="cpu") for o in out] if dtype is not None else out
+
+
+def task_cost(model, ids: torch.Tensor, ref_logits: list[torch.Tensor], cost_fn, batch_size: int) -> float:
+    """The cost of `model` against reference logits from reference_logits(..., batch_size), averaged over ids."""
+    total = 0.0
+    with torch.no_grad():
+        for k, i in enumerate(range(0, ids.shape[0], batch_size)):
+            batch = ids[i : i + batch_size].to(model.device)
+            logits = model(batch, use_cache=False).logits
+            total += cost_fn(logits, ref_logits[k].to(logits.device, logits.dtype), batch).item() * batch.shape[0]
+    return total / ids.shape[0]
 
 
 def cost_and_gradient(model, linears, deltas, ids, ref_logits, cost_fn, batch_size: int, tied_heads=None):
     """Task cost of the model with errors `deltas`, and dC/dt_l at t = 1 for every layer."""
-    gates = ErrorGates(linears, deltas, tied_heads)
+    gates = ErrorGates(linears, deltas, tied_heads, scale_of=adapter_for(model).scale_of)
     total = 0.0
     grad_mode = torch.is_grad_enabled()
     torch.set_grad_enabled(True)  # callers run under no_grad; the gates need the graph

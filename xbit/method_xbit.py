@@ -25,21 +25,31 @@ from .allocate import Problem, column_errors, solve, uniform_fraction
 from .calibrate import calibration_ids, decoder_layers_path, head_hessian, run_blocks, world
 from .format import dequantize
 from .gptq import quantize_weight_gptq
-from .learn import learn_allocation
+from .learn import learn_allocation, reference_logits, resolve_cost, task_cost
 from .rotation import block_size, pack_signs, random_signs, rotate_linear, signs_bytes
 from .rtn import quantize_weight_rtn
-from .tune import TUNE_LR, tune_grids
-
-ALLOCATIONS = ("learned", "proxy", "uniform")
+from .tune import tune_grids
 
 
-def split_held_out(texts: list[str], fraction: float = 0.1) -> tuple[list[str], list[str]]:
-    """Calibration texts and held-out texts for the cost (the last documents, or the end of a single text)."""
-    if len(texts) >= 2:
+
+def split_held_out(texts: list[str], fraction: float = 0.1) -> tuple[list[str], list[str], list[str]]:
+    """(calibration, selection, report) texts: the last documents (or the end of a single text) are held out,
+    a `fraction` each. The selection texts choose among learning rounds and tuning epochs; the report texts give
+    the reported task cost and influence nothing."""
+    if len(texts) >= 3:
         k = max(1, int(len(texts) * fraction))
-        return texts[:-k], texts[-k:]
-    cut = int(len(texts[0]) * (1 - fraction))
-    return [texts[0][:cut]], [texts[0][cut:]]
+        return texts[: -2 * k], texts[-2 * k : -k], texts[-k:]
+    text = "\n\n".join(texts)
+    a, b = int(len(text) * (1 - 2 * fraction)), int(len(text) * (1 - fraction))
+    return [text[:a]], [text[a:b]], [text[b:]]
+
+
+def held_out_ids(tokenizer, texts: list[str], n_samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    """Held-out windows of seq_len tokens, shorter where the held-out text is (small calibration sets)."""
+    tokens = len(tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"])
+    if tokens < 3:
+        raise ValueError(f"the held-out part of the calibration text has {tokens} tokens; give more text")
+    return calibration_ids(tokenizer, texts, n_samples, min(seq_len, tokens - 1), seed)
 
 
 def measure(model, linears: dict, ids: torch.Tensor, device, group_size: int, progress: bool,
@@ -194,22 +204,28 @@ def allocate(model, linears, measurement, budget, group_size, allocation, held_o
     return bits, {"min_bits": floor, **learned}
 
 
-def quantize_xbit(model, tokenizer, linears: dict, replace, budget: int, texts: list[str], group_size: int, device,
-                  calib_samples: int, seq_len: int, seed: int, damp: float, cost_fn, allocation: str = "learned",
-                  rounds: int = 4, compensate: bool = True, held_out_samples: int = 16,
-                  importance: float = 0.5, min_bits: int | None = None, tied: dict | None = None,
-                  rotation_block: int = 0, grid: str = "mse", save_measurement_to=None, load_measurement_from=None,
-                  tune_epochs: int = 0, tune_lr: float = TUNE_LR, progress: bool = True):
+SELECTION_SAMPLES = 16  # held-out sequences that choose the kept learning round and tuning epoch
+REPORT_SAMPLES = 8  # further held-out sequences, seen by nothing, that give the reported task cost
+
+
+def quantize_xbit(model, tokenizer, linears: dict, replace, budget: int, texts: list[str], device,
+                  settings, tied: dict | None = None, progress: bool = True):
     """Quantizes every layer in `linears`, handing its stored tensors to replace(name, module, tensors, block):
     layers of the decoder blocks inside their block (so later blocks calibrate on quantized inputs), the embeddings
     and head before the blocks. `tied` maps an output head's name to the embedding whose table it shares (one
-    candidate). rotation_block > 0 stores the decoder-block linears in a rotated basis (block: the Hadamard block
-    size of that layer, 0 if not rotated). `grid`: how each group's grid is fitted (xbit.grid). tune_epochs > 0:
-    the grids are then trained end to end against the cost (xbit.tune). Returns the report extras."""
-    if allocation not in ALLOCATIONS:
-        raise ValueError(f"unknown allocation {allocation!r}; available: {', '.join(ALLOCATIONS)}")
+    candidate). `settings`: xbit.settings.QuantizeSettings (its .xbit options: rotation, grid, allocation,
+    compensation, tuning). Returns the report extras, the task cost on the report tokens among them."""
+    o = settings.xbit
+    group_size, seed, damp, grid, compensate = settings.group_size, settings.seed, settings.damp, o.grid, o.compensate
+    rotation_block, allocation = o.rotation_block, o.allocation
+    cost_fn = resolve_cost(o.cost) if isinstance(o.cost, str) else o.cost
+    calib_texts, selection_texts, report_texts = split_held_out(texts)
+    ids = calibration_ids(tokenizer, calib_texts, settings.calib_samples, settings.seq_len, seed)
+    held_ids = held_out_ids(tokenizer, selection_texts, SELECTION_SAMPLES, settings.seq_len, seed + 1)
+    report_ids = held_out_ids(tokenizer, report_texts, REPORT_SAMPLES, settings.seq_len, seed + 2)
+    report_ref = reference_logits(model, report_ids, batch_size=4, dtype=torch.bfloat16)
     prefix = decoder_layers_path(model)
-    reference = copy.deepcopy(model) if tune_epochs else None  # the float model the tuning aims at
+    reference = copy.deepcopy(model) if o.tune_epochs else None  # the float model the tuning aims at
     rotated = {}  # name -> (signs, block); the float layers compute the same function in the rotated basis
     if rotation_block:
         for name, lin in linears.items():
@@ -226,9 +242,7 @@ def quantize_xbit(model, tokenizer, linears: dict, replace, budget: int, texts: 
     basis = (f"Hadamard basis (blocks <= {rotation_block}, signs per block, seed {seed})" if rotated
              else "original basis")
     setup = f"{basis}, {grid} grid"  # what the saved column errors depend on besides the model
-    calib_texts, held_texts = split_held_out(texts)
-    ids = calibration_ids(tokenizer, calib_texts, calib_samples, seq_len, seed)
-    held_ids = calibration_ids(tokenizer, held_texts, held_out_samples, seq_len, seed + 1)
+    load_measurement_from = o.load_measurement
     if load_measurement_from:
         measurement = load_measurement(load_measurement_from, linears, group_size, setup)
         if compensate and allocation == "learned" and any("h" not in measurement[n] for n in linears
@@ -238,11 +252,11 @@ def quantize_xbit(model, tokenizer, linears: dict, replace, budget: int, texts: 
     else:
         measurement = measure(model, linears, ids, device, group_size, progress, tied, grid,
                               full_hessians=compensate)
-    if save_measurement_to and world()[0] == 0:
-        save_measurement(save_measurement_to, measurement, group_size, setup)
+    if o.save_measurement and world()[0] == 0:
+        save_measurement(o.save_measurement, measurement, group_size, setup)
     tied_heads = {emb: model.get_submodule(head) for head, emb in (tied or {}).items()}
     bits, learned = allocate(model, linears, measurement, budget, group_size, allocation, held_ids, cost_fn,
-                             rounds, progress, importance=importance, min_bits=min_bits, tied_heads=tied_heads,
+                             o.rounds, progress, importance=o.importance, min_bits=o.min_bits, tied_heads=tied_heads,
                              delta_fn=final_deltas(linears, measurement, group_size, damp, grid, compensate))
 
     def quantize_one(name, h):
@@ -265,9 +279,10 @@ def quantize_xbit(model, tokenizer, linears: dict, replace, budget: int, texts: 
                 quantize_one(name, h)
 
     run_blocks(model, ids, device, quantize_block, progress=progress, diag_only=not compensate)
-    if tune_epochs:
-        learned.update(tune_grids(model, reference, ids, held_ids, cost_fn, epochs=tune_epochs, lr=tune_lr,
+    if o.tune_epochs:
+        learned.update(tune_grids(model, reference, ids, held_ids, cost_fn, epochs=o.tune_epochs, lr=o.tune_lr,
                                   progress=progress))
+    learned["report_cost"] = task_cost(model, report_ids, report_ref, cost_fn, batch_size=4)
     return {"allocation": allocation, "compensate": compensate, "rotation_block": rotation_block, "grid": grid,
             **learned}
 

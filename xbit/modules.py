@@ -85,19 +85,22 @@ class XbitLinear(nn.Module):
 
 class XbitEmbedding(XbitLinear):
     """A quantized nn.Embedding: the [num_embeddings, dim] table stored as an XbitLinear with out = vocabulary
-    and in = dim (so one tied table also serves as the output head). A lookup dequantizes only the rows it needs."""
+    and in = dim (so one tied table also serves as the output head). A lookup dequantizes only the rows it needs
+    and multiplies them by `embed_scale` (Gemma scales its lookups; a tied head uses the table unscaled)."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, counts: list[int], group_size: int,
-                 dtype=torch.float16, device=None):
+                 dtype=torch.float16, device=None, embed_scale: float = 1.0):
         super().__init__(embedding_dim, num_embeddings, counts, group_size, bias=False, device=device)
-        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.num_embeddings, self.embedding_dim, self.embed_scale = num_embeddings, embedding_dim, embed_scale
         # follows model.to(dtype) / .half(), so lookups come out in the model's float dtype
         self.register_buffer("dtype_probe", torch.empty(0, dtype=dtype, device=device), persistent=False)
 
     @classmethod
-    def from_tensors(cls, tensors: dict, group_size: int, dtype=torch.float16) -> "XbitEmbedding":
+    def from_tensors(cls, tensors: dict, group_size: int, dtype=torch.float16,
+                     embed_scale: float = 1.0) -> "XbitEmbedding":
         bits = tensors["bits"]
-        m = cls(tensors["scales"].shape[1], bits.numel(), _counts(bits), group_size, dtype=dtype, device=bits.device)
+        m = cls(tensors["scales"].shape[1], bits.numel(), _counts(bits), group_size, dtype=dtype, device=bits.device,
+                embed_scale=embed_scale)
         m._copy_tensors(tensors)
         return m
 
@@ -105,11 +108,15 @@ class XbitEmbedding(XbitLinear):
         flat = ids.reshape(-1)
         rows = dequantize(self.qweight[:, flat], self.scales[:, flat], self.zeros[:, flat], self.perm, self.bits,
                           self.group_size, dtype=self.dtype_probe.dtype)
+        if self.embed_scale != 1.0:  # in the model's dtype, as the float embedding applies it
+            rows = rows * torch.tensor(self.embed_scale, dtype=rows.dtype)
         return rows.reshape(*ids.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
         avg = sum(b * c for b, c in enumerate(self.counts)) / self.in_features
-        return f"{self.num_embeddings}, {self.embedding_dim}, avg_code_bits={avg:.3f}, group_size={self.group_size}"
+        scale = f", embed_scale={self.embed_scale:g}" if self.embed_scale != 1.0 else ""
+        return (f"{self.num_embeddings}, {self.embedding_dim}, avg_code_bits={avg:.3f}, "
+                f"group_size={self.group_size}{scale}")
 
 
 class XbitTiedHead(nn.Module):

@@ -4,8 +4,11 @@ Also the Python API: `xbit.quantize(model, tokenizer, method=..., bits=... | siz
 """
 
 import argparse
+import dataclasses
+import re
 import resource
 import sys
+import tempfile
 import time
 import types
 from pathlib import Path
@@ -18,48 +21,32 @@ from . import checkpoint
 from .format import FORMAT_VERSION, MAX_BITS
 from .hf import layer_spec, set_submodule
 from .modules import XbitEmbedding, XbitLinear, XbitTiedHead
+from .arch import adapter_for, block_linears, embedding_and_head, split_experts
 from .calibrate import calibration_ids, decoder_layers_path, init_distributed, run_blocks
 from .gptq import act_order, quantize_weight_gptq
 from .grid import GRIDS
 from .learn import resolve_cost
-from .method_xbit import ALLOCATIONS, quantize_xbit
+from .method_xbit import quantize_xbit
 from .rotation import MAX_BLOCK
 from .rtn import quantize_weight_rtn
-from .sizes import float_component_bytes, float_linear_bytes, parse_size, plan_bytes, uniform_counts
+from .settings import ALLOCATIONS, METHODS, QuantizeSettings, UsageError, XbitOptions, parse_match
+from .sizes import (float_component_bytes, float_linear_bytes, gptq_checkpoint_bytes, parse_size,
+                    plan_bytes, planned_header_bytes, uniform_counts)
 from .tune import DEFAULT_TUNE_EPOCHS, TUNE_LR
 
-METHODS = ("xbit", "gptq", "rtn")
 FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-class UsageError(ValueError):
-    """A bad argument or target: the CLI prints it as one line and exits 2."""
-
-
 def quantizable_linears(model) -> dict[str, nn.Linear]:
-    """Every nn.Linear of the model except the output head (kept in float like GPTQ does by default)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head}
+    """Every nn.Linear inside the decoder blocks but the MoE routers (xbit.arch); the output head is not one of
+    them (it stays float like GPTQ keeps it, unless xbit's embedding_candidates add it)."""
+    return block_linears(model)
 
 
 def embedding_candidates(model) -> tuple[dict, dict]:
-    """The input embedding table and the output head, as xbit candidates (DESIGN regime a).
-
-    Returns ({name: module}, tied) where tied maps the head's name to the embedding's name when they share one
-    table: the table is then one candidate, stored once, serving both lookups and the head.
-    """
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
-    out, tied = {}, {}
-    if isinstance(emb, nn.Embedding):
-        out[names[id(emb)]] = emb
-    if isinstance(head, nn.Linear):
-        if isinstance(emb, nn.Embedding) and head.weight is emb.weight:
-            tied[names[id(head)]] = names[id(emb)]
-        else:
-            out[names[id(head)]] = head
-    return out, tied
+    """The input embedding table and the output head, as xbit candidates (DESIGN regime a); see
+    xbit.arch.embedding_and_head (a tied table is one candidate)."""
+    return embedding_and_head(model)
 
 
 def _uniform_plan(linears, bits: int) -> dict:
@@ -67,69 +54,79 @@ def _uniform_plan(linears, bits: int) -> dict:
 
 
 def choose_uniform_bits(model, linears, group_size, float_dtype, bits=None, size=None) -> int:
-    """Code width for a uniform method: the given --bits, or the widest that fits --size."""
+    """Code width for a uniform method: the widest whose stored bits per weight (all overhead counted) stay within
+    `bits`, or whose files (headers included) fit `size`."""
     fixed = float_component_bytes(model, set(linears), float_dtype)
-    if bits is not None:
-        if bits != int(bits) or not 1 <= bits <= MAX_BITS:
-            raise UsageError(f"--bits for a uniform method is an integer code width 1..{MAX_BITS}, got {bits}")
-        return int(bits)
+    params = sum(m.weight.numel() for m in linears.values())
     float_total = fixed + float_linear_bytes(linears, float_dtype)
-    if size >= float_total:
+    if size is not None and size >= float_total:
         raise UsageError(f"--size {size} bytes is not below the float checkpoint ({float_total} bytes): nothing to do")
+
+    def fits(b):
+        plan = _uniform_plan(linears, b)
+        layer_bytes = plan_bytes(linears, plan, group_size)
+        if bits is not None:
+            return 8 * layer_bytes / params <= bits
+        header = planned_header_bytes(model, linears, float_dtype, group_size, size, checkpoint.MAX_SHARD_BYTES,
+                                      counts=plan)  # a bound on the safetensors headers of the files written
+        return fixed + layer_bytes + header <= size
+
     for b in range(MAX_BITS, 0, -1):
-        if fixed + plan_bytes(linears, _uniform_plan(linears, b), group_size) <= size:
+        if fits(b):
             return b
-    smallest = fixed + plan_bytes(linears, _uniform_plan(linears, 1), group_size)
-    raise UsageError(f"--size {size} bytes is below the smallest checkpoint this method can write ({smallest} bytes)")
+    smallest = plan_bytes(linears, _uniform_plan(linears, 1), group_size)
+    what = f"{8 * smallest / params:.3f} bits per weight" if bits is not None else f"{fixed + smallest} bytes"
+    raise UsageError(f"the target is below the smallest checkpoint a uniform method can write ({what} at 1 bit)")
 
 
 @torch.no_grad()
-def quantize_model(model, tokenizer=None, method: str = "rtn", bits: float | None = None, size: int | None = None,
-                   group_size: int = 128, calib: list[str] | None = None, calib_samples: int = 128,
-                   seq_len: int = 512, damp: float = 0.01, device=None, float_dtype=torch.float16,
-                   progress: bool = True, seed: int = 0, cost="kl", allocation: str = "learned", rounds: int = 4,
-                   compensate: bool = True, save_measurement=None, load_measurement=None, importance: float = 0.5,
-                   min_bits: int | None = None, quantize_embeddings: bool = True, rotation_block: int = MAX_BLOCK,
-                   grid: str = "mse", tune_epochs: int = DEFAULT_TUNE_EPOCHS, tune_lr: float = TUNE_LR):
+def quantize_model(model, tokenizer=None, calib: list[str] | None = None, device=None, progress: bool = True,
+                   settings: QuantizeSettings | None = None, **options):
     """Replace the model's linears by XbitLinear in place; returns (model, quantization_config, report).
 
-    rtn needs nothing else; gptq and xbit need `tokenizer` and `calib` (a list of texts). For xbit, `bits` is the
-    average stored bits per weight of the quantized layers (all overhead counted) and `size` the total checkpoint
-    bytes; for rtn and gptq `bits` is the integer code width. `cost` is "kl", "ce" or a callable
-    (logits, ref_logits, ids) -> scalar that is 0 when the outputs are identical. With `quantize_embeddings`
-    (xbit only) the embedding table and output head are candidates too (tied ones as one table). xbit stores the
-    decoder-block linears in a random-sign block Hadamard basis with blocks of up to `rotation_block` input
-    features (0: no rotation; see xbit.rotation), and fits each group's grid by `grid` ("mse" or "minmax"; the
-    rtn and gptq baselines always use minmax, as published). xbit then trains the grids (scales and zeros) end to
-    end against the cost for `tune_epochs` passes over the calibration tokens (xbit.tune; 0: no tuning).
+    `settings` (xbit.settings.QuantizeSettings), or the same as keyword arguments (method="xbit", bits=2.56,
+    rounds=4, ...). rtn needs nothing else; gptq and xbit need `tokenizer` and `calib` (a list of texts). `bits`
+    is the average stored bits per weight of the quantized layers (all overhead counted) and `size` the bytes of
+    the checkpoint files, for every method; rtn and gptq take an integer `code_bits` instead. For xbit, `cost` is
+    "kl", "ce" or a callable (logits, ref_logits, ids) -> scalar that is 0 when the outputs are identical. With
+    `quantize_embeddings` (xbit only) the embedding table and output head are candidates too (tied ones as one
+    table). xbit stores the decoder-block linears in a random-sign block Hadamard basis with blocks of up to
+    `rotation_block` input features (0: no rotation; see xbit.rotation), and fits each group's grid by `grid`
+    ("mse" or "minmax"; the rtn and gptq baselines always use minmax, as published). xbit then trains the grids
+    (scales and zeros) end to end against the cost for `tune_epochs` passes over the calibration tokens
+    (xbit.tune; 0: no tuning). Every target is verified on the result.
     """
-    if method not in METHODS:
-        raise UsageError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
-    if (bits is None) == (size is None):
-        raise UsageError("give exactly one target: bits or size")
-    if group_size < 1:
-        raise UsageError(f"group size must be positive, got {group_size}")
+    s = settings or QuantizeSettings.from_kwargs(**options)
+    adapter = adapter_for(model)
+    experts_split = split_experts(model, adapter)  # MoE: one nn.Linear per expert projection (xbit.moe)
+    if s.match and s.method == "xbit":
+        s = dataclasses.replace(s, match=None, size=match_size(model, s.match))
+    elif s.match:  # a uniform baseline at gptq:B[:G] is that quantization itself
+        width, group = parse_match(s.match)
+        s = dataclasses.replace(s, match=None, code_bits=width, group_size=group)
+    method, group_size, float_dtype = s.method, s.group_size, s.float_dtype
     linears = quantizable_linears(model)
     if not linears:
         raise UsageError("the model has no nn.Linear layers to quantize")
     device = device or next(model.parameters()).device
     t0 = time.time()
     tied = {}
-    if method == "xbit" and quantize_embeddings:
+    if method == "xbit" and s.xbit.quantize_embeddings:
         extra_layers, tied = embedding_candidates(model)
         linears = {**linears, **extra_layers}
     if method == "xbit":
-        budget = xbit_layer_budget(model, linears, group_size, float_dtype, bits=bits, size=size)
+        budget = xbit_layer_budget(model, linears, group_size, float_dtype, bits=s.bits, size=s.size)
         width = None
     else:
-        width = choose_uniform_bits(model, linears, group_size, float_dtype, bits=bits, size=size)
+        width = s.code_bits or choose_uniform_bits(model, linears, group_size, float_dtype, bits=s.bits, size=s.size)
     if method != "rtn" and (tokenizer is None or not calib):
         raise UsageError(f"{method} needs a tokenizer and calibration texts")
     layers, extra = {}, {}
 
     def replace(name, old, tensors, rotation_block=0):
         if isinstance(old, nn.Embedding):
-            new = XbitEmbedding.from_tensors(tensors, group_size, dtype=old.weight.dtype)
+            new = XbitEmbedding.from_tensors(tensors, group_size, dtype=old.weight.dtype,
+                                             embed_scale=adapter.scale_of(old))
             for head, table in tied.items():
                 if table == name:
                     set_submodule(model, head, XbitTiedHead(new))
@@ -143,15 +140,10 @@ def quantize_model(model, tokenizer=None, method: str = "rtn", bits: float | Non
         return torch.full((lin.in_features,), width, dtype=torch.uint8, device=lin.weight.device)
 
     if method == "xbit":
-        cost_fn = resolve_cost(cost) if isinstance(cost, str) else cost
-        extra = quantize_xbit(model, tokenizer, linears, replace, budget, calib, group_size, device, calib_samples,
-                              seq_len, seed, damp, cost_fn, allocation=allocation, rounds=rounds, compensate=compensate,
-                              importance=importance, min_bits=min_bits, tied=tied, rotation_block=rotation_block,
-                              grid=grid, save_measurement_to=save_measurement,
-                              load_measurement_from=load_measurement, tune_epochs=tune_epochs, tune_lr=tune_lr,
+        extra = quantize_xbit(model, tokenizer, linears, replace, budget, calib, device, s, tied=tied,
                               progress=progress)
     if method == "gptq":
-        ids = calibration_ids(tokenizer, calib, calib_samples, seq_len, seed)
+        ids = calibration_ids(tokenizer, calib, s.calib_samples, s.seq_len, s.seed)
         prefix = decoder_layers_path(model)
 
         def quantize_block(index, block, hessians):
@@ -159,7 +151,7 @@ def quantize_model(model, tokenizer=None, method: str = "rtn", bits: float | Non
                 name = f"{prefix}.{index}.{local}"
                 if name in linears:
                     lin = linears[name]
-                    tensors = quantize_weight_gptq(lin.weight, h, uniform_bits(lin), act_order(h), group_size, damp)
+                    tensors = quantize_weight_gptq(lin.weight, h, uniform_bits(lin), act_order(h), group_size, s.damp)
                     replace(name, lin, tensors)
 
         run_blocks(model, ids, device, quantize_block, progress=progress)
@@ -170,41 +162,57 @@ def quantize_model(model, tokenizer=None, method: str = "rtn", bits: float | Non
         order = torch.arange(lin.in_features, device=lin.weight.device)
         replace(name, lin, quantize_weight_rtn(lin.weight, uniform_bits(lin), order, group_size))
     qconfig = {"quant_method": "xbit", "format_version": FORMAT_VERSION, "method": method, "layers": layers}
+    if experts_split:
+        qconfig["split_experts"] = True
     if tied:
         qconfig["tied"] = tied  # transformers must not tie (there is no .weight): xbit.hf ties the table on load
         model.config.tie_word_embeddings = False
     report = summarize(model, linears, float_dtype, method=method, code_bits=width, group_size=group_size,
                        seconds=time.time() - t0, **extra)
-    if size is not None and report["checkpoint_bytes"] > size:
-        raise RuntimeError(f"result {report['checkpoint_bytes']} bytes exceeds the target {size} (a bug)")
+    verify_target(report, s)
+    report["target_bytes"] = s.size  # --match resolved to bytes (xbit) or to a code width and group (rtn, gptq)
     return model, qconfig, report
 
 
+def verify_target(report: dict, s: QuantizeSettings):
+    """The result meets its target (a failure here is a bug in xbit, not in the input)."""
+    if s.size is not None and report["file_bytes"] > s.size:
+        raise RuntimeError(f"result {report['file_bytes']} file bytes exceeds the target {s.size} (a bug)")
+    if s.bits is not None and report["bits_per_weight_layers"] > s.bits:
+        raise RuntimeError(f"result {report['bits_per_weight_layers']:.4f} bits per weight exceeds the target "
+                           f"{s.bits} (a bug)")
+    if s.code_bits is not None and report["code_bits"] != s.code_bits:
+        raise RuntimeError(f"result has {report['code_bits']}-bit codes, not {s.code_bits} (a bug)")
+
+
 def xbit_layer_budget(model, linears, group_size, float_dtype, bits=None, size=None) -> int:
-    """Bytes the quantized layers may use: bits * weights / 8, or the size left after the float components."""
+    """Bytes the quantized layers may use: bits * weights / 8, or the file size left after the float components
+    and a bound on the safetensors headers (every layer at its largest shapes: its counts are not chosen yet)."""
     fixed = float_component_bytes(model, set(linears), float_dtype)
     params = sum(m.weight.numel() for m in linears.values())
     float_total = fixed + float_linear_bytes(linears, float_dtype)
-    budget = int(bits * params / 8) if bits is not None else size - fixed
+    header = 0 if size is None else planned_header_bytes(model, linears, float_dtype, group_size, size,
+                                                         checkpoint.MAX_SHARD_BYTES)
+    budget = int(bits * params / 8) if bits is not None else size - fixed - header
     smallest = plan_bytes(linears, {n: [m.weight.shape[1]] + [0] * MAX_BITS for n, m in linears.items()}, group_size)
     if budget < smallest:
         raise UsageError(f"target is below the smallest checkpoint the format can hold "
-                         f"({fixed + smallest} bytes, every column at 0 bits)")
+                         f"({fixed + header + smallest} bytes, every column at 0 bits)")
     if fixed + budget >= float_total:
-        raise UsageError(f"target ({fixed + budget} bytes) is not below the float checkpoint ({float_total} bytes)")
+        raise UsageError(f"target ({fixed + header + budget} bytes) is not below the float checkpoint "
+                         f"({float_total} bytes)")
     return budget
 
 
-def match_size(model, spec: str, float_dtype=torch.float16) -> int:
-    """'gptq:3' -> the exact checkpoint bytes of GPTQ g128 at 3 bits for this model (rtn:N the same: one layout)."""
-    method, _, rest = spec.partition(":")
-    width, _, gs = rest.partition(":")
-    if method not in ("gptq", "rtn") or not width.isdigit() or not 1 <= int(width) <= MAX_BITS:
-        raise UsageError(f"--match {spec!r}: expected gptq:BITS (BITS 1..{MAX_BITS}), optionally gptq:BITS:GROUP")
-    group = int(gs) if gs.isdigit() else 128
-    linears = quantizable_linears(model)
-    fixed = float_component_bytes(model, set(linears), float_dtype)
-    return fixed + plan_bytes(linears, _uniform_plan(linears, int(width)), group)
+def match_size(model, spec: str) -> int:
+    """'gptq:3' (groups of 128) or 'gptq:3:64' -> the file bytes of a standard GPTQ checkpoint of this model
+    (GPTQModel / AutoGPTQ layout, headers included; xbit.sizes.gptq_checkpoint_bytes)."""
+    bits, group = parse_match(spec)
+    split_experts(model)  # MoE: the GPTQ file holds one linear per expert projection, as xbit quantizes them
+    try:
+        return gptq_checkpoint_bytes(model, bits, group, linears=quantizable_linears(model))
+    except ValueError as e:
+        raise UsageError(f"--match {spec!r}: {e}") from None
 
 
 def summarize(model, original_linears: dict, float_dtype, **extra) -> dict:
@@ -213,9 +221,11 @@ def summarize(model, original_linears: dict, float_dtype, **extra) -> dict:
     q_bytes = sum(m.stored_bytes() - (m.bias.numel() * m.bias.element_size() if m.bias is not None else 0)
                   for m in quantized.values())
     q_params = sum(m.in_features * m.out_features for m in quantized.values())
-    total = checkpoint.tensor_bytes(checkpoint.state_dict_to_store(model, float_dtype))
+    tensors = checkpoint.state_dict_to_store(model, float_dtype)
+    total = checkpoint.tensor_bytes(tensors)
     params = sum(p.numel() for p in {id(p): p for p in original_params(model, quantized)}.values())
-    return {**extra, "checkpoint_bytes": total, "quantized_layer_bytes": q_bytes, "quantized_params": q_params,
+    return {**extra, "checkpoint_bytes": total, "file_bytes": checkpoint.file_bytes(tensors),
+            "quantized_layer_bytes": q_bytes, "quantized_params": q_params,
             "bits_per_weight_layers": 8 * q_bytes / q_params, "bits_per_weight_total": 8 * total / params,
             "layers": {n: {"counts": m.counts, "bytes": m.stored_bytes(), "in": m.in_features, "out": m.out_features}
                        for n, m in quantized.items()}}
@@ -237,10 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="Hub id or local folder (default: the fetched SmolLM2-135M-Instruct)")
     p.add_argument("--method", default="xbit", help=f"quantization method: {', '.join(METHODS)} (default xbit)")
     target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--bits", type=float, help="rtn/gptq: integer code width; xbit: average bits per weight of "
-                        "the quantized layers, all overhead counted")
-    target.add_argument("--size", help="total checkpoint bytes, e.g. 60MB, 1.2GB")
-    target.add_argument("--match", help="the exact checkpoint size of another quantization, e.g. gptq:3 (GPTQ g128)")
+    target.add_argument("--bits", type=float, help="average stored bits per weight of the quantized layers, all "
+                        "overhead counted (every method; rtn/gptq take the widest code width that fits)")
+    target.add_argument("--size", help="bytes of the checkpoint's .safetensors files, e.g. 60MB, 1.2GB")
+    target.add_argument("--match", help="the file size of a standard GPTQ checkpoint of the model, gptq:BITS[:GROUP] "
+                        "(GPTQModel layout, group 128 by default); rtn/gptq: that quantization itself")
+    target.add_argument("--code-bits", type=int, help="rtn/gptq: integer code width 1..8 (no size target)")
     p.add_argument("--group-size", type=int, default=128, help="columns per scale/zero group (default 128)")
     p.add_argument("--calib", help="calibration text: file, folder of .txt, or datasets:NAME "
                    "(default: State of the Union addresses before 2000)")
@@ -286,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(files, or sotu-eval / moby)")
     p.add_argument("--eval-max-tokens", type=int, default=None, help="cap on evaluation tokens per text")
     p.add_argument("--ctx", type=int, default=512, help="perplexity window (default 512)")
+    p.add_argument("--bos", action="store_true", help="start every perplexity window with the BOS token (for "
+                   "models that expect it)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -326,13 +340,14 @@ def _peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _perplexities(model, tok, texts, ctx, max_tokens, progress) -> dict:
+def _perplexities(model, tok, args, progress) -> dict:
     from eval.perplexity import load_texts, perplexity, resolve_text
 
     out = {}
-    for spec in texts:
+    for spec in args.eval_text:
         _, paths = resolve_text(spec)
-        out[spec] = perplexity(model, tok, load_texts(paths), ctx=ctx, max_tokens=max_tokens, progress=progress)["ppl"]
+        out[spec] = perplexity(model, tok, load_texts(paths), ctx=args.ctx, bos=args.bos,
+                               max_tokens=args.eval_max_tokens, progress=progress)["ppl"]
     return out
 
 
@@ -342,26 +357,27 @@ def print_table(rows: list[tuple[str, str]]):
         print(f"{k:<{width}}  {v}")
 
 
+def settings_from_args(args, size: int | None) -> QuantizeSettings:
+    xbit_options = XbitOptions(cost=args.cost, allocation=args.allocation, rounds=args.rounds,
+                               compensate=not args.no_compensate, importance=args.importance, min_bits=args.min_bits,
+                               quantize_embeddings=not args.float_embeddings, rotation_block=args.rotation_block,
+                               grid=args.grid, tune_epochs=args.tune_epochs, tune_lr=args.tune_lr,
+                               save_measurement=args.save_measurement, load_measurement=args.load_measurement)
+    return QuantizeSettings(method=args.method, bits=args.bits, size=size, code_bits=args.code_bits, match=args.match,
+                            group_size=args.group_size,
+                            calib_samples=args.calib_samples, seq_len=args.seq_len, seed=args.seed, damp=args.damp,
+                            float_dtype=FLOAT_DTYPES[args.dtype], xbit=xbit_options)
+
+
 def run(args) -> int:
-    if args.method not in METHODS:
-        raise UsageError(f"unknown --method {args.method!r}; available: {', '.join(METHODS)}")
-    if args.group_size < 1:
-        raise UsageError(f"--group-size must be positive, got {args.group_size}")
     size = parse_size(args.size) if args.size is not None else None
-    if args.out and Path(args.out).exists() and any(Path(args.out).iterdir()) and not args.overwrite:
-        raise UsageError(f"--out {args.out} exists and is not empty (add --overwrite to replace it)")
-    if args.calib_samples < 1 or args.seq_len < 2:
-        raise UsageError("--calib-samples must be >= 1 and --seq-len >= 2")
-    if args.rounds < 1:
-        raise UsageError("--rounds must be >= 1")
-    if args.tune_epochs < 0 or not args.tune_lr > 0:
-        raise UsageError("--tune-epochs must be >= 0 and --tune-lr positive")
-    if args.min_bits is not None and not 0 <= args.min_bits <= MAX_BITS:
-        raise UsageError(f"--min-bits must be 0..{MAX_BITS}")
-    if args.rotation_block < 0 or args.rotation_block & (args.rotation_block - 1):
-        raise UsageError(f"--rotation-block must be 0 or a power of two, got {args.rotation_block}")
+    settings = settings_from_args(args, size)  # validates every option once
+    if args.out:
+        checkpoint.check_output(args.out, args.overwrite)
     if args.load_measurement and not Path(args.load_measurement).is_file():
         raise UsageError(f"--load-measurement {args.load_measurement} not found")
+    if args.cost not in ("kl", "ce"):
+        resolve_cost(args.cost)  # an unimportable cost fails before any work
     calib = None
     if args.calib:
         from .calib import load_calib_texts
@@ -369,6 +385,10 @@ def run(args) -> int:
         calib = load_calib_texts(args.calib)  # read now so a bad path fails before any work
     elif args.method != "rtn":
         calib = _default_calib()
+    if args.cost == "ce" and args.cost_data:
+        from .calib import load_calib_texts
+
+        calib = load_calib_texts(args.cost_data)  # ce on task text: that text also drives the measurement
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device cuda asked but no CUDA device is available")
@@ -381,56 +401,58 @@ def run(args) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    integer_bits = args.bits is not None and args.bits == int(args.bits) and 1 <= args.bits <= MAX_BITS
-    if args.method in ("rtn", "gptq") and args.bits is not None and not integer_bits:
-        raise UsageError(f"--bits for {args.method} is an integer code width 1..{MAX_BITS}, got {args.bits}")
     model, tok, model_id = _load_model(args.model, device)
-    float_dtype = FLOAT_DTYPES[args.dtype]
-    if args.match:
-        size = match_size(model, args.match, float_dtype)
-    cost = args.cost
-    if args.cost == "ce" and args.cost_data:
-        from .calib import load_calib_texts
-
-        calib = load_calib_texts(args.cost_data)  # ce on task text: that text also drives the measurement
     evaluate = bool(args.eval_text) and lead
-    ref_ppl = _perplexities(model, tok, args.eval_text, args.ctx, args.eval_max_tokens, progress) if evaluate else {}
-    model, qconfig, report = quantize_model(model, tok, method=args.method, bits=args.bits, size=size,
-                                            group_size=args.group_size, calib=calib, calib_samples=args.calib_samples,
-                                            seq_len=args.seq_len, damp=args.damp, device=device,
-                                            float_dtype=float_dtype, progress=progress, seed=args.seed, cost=cost,
-                                            allocation=args.allocation, rounds=args.rounds,
-                                            compensate=not args.no_compensate, save_measurement=args.save_measurement,
-                                            load_measurement=args.load_measurement, importance=args.importance,
-                                            min_bits=args.min_bits, quantize_embeddings=not args.float_embeddings,
-                                            rotation_block=args.rotation_block, grid=args.grid,
-                                            tune_epochs=args.tune_epochs, tune_lr=args.tune_lr)
-    report.update(model=model_id, target_bytes=size, target_bits=args.bits, match=args.match)
+    ref_ppl = _perplexities(model, tok, args, progress) if evaluate else {}
+    model, qconfig, report = quantize_model(model, tok, calib=calib, device=device, progress=progress,
+                                            settings=settings)
+    report.update(model=model_id, target_bits=args.bits, match=args.match)
     if not lead:
         return 0
-    if args.out:
-        checkpoint.save(model, tok, args.out, qconfig, report, float_dtype=float_dtype, overwrite=args.overwrite)
-    q_ppl = _perplexities(model, tok, args.eval_text, args.ctx, args.eval_max_tokens, progress) if evaluate else {}
+    q_ppl = {}
+    with tempfile.TemporaryDirectory(prefix="xbit-eval-") as scratch:
+        out = args.out or (Path(scratch) / "checkpoint" if evaluate else None)
+        if out:
+            written = checkpoint.save(model, tok, out, qconfig, report, float_dtype=FLOAT_DTYPES[args.dtype],
+                                      overwrite=args.overwrite)
+            if report["target_bytes"] is not None and written > report["target_bytes"]:
+                raise RuntimeError(f"wrote {written} bytes of .safetensors files, above the target "
+                                   f"{report['target_bytes']} (a bug)")
+        if evaluate:  # what users get: the checkpoint reloaded from disk, in the dtype xbit.load gives them
+            del model
+            from . import load
+
+            q_ppl = _perplexities(load(out, device=device), tok, args, progress)
+    print_table(result_rows(args, report, model_id, device, ref_ppl, q_ppl))
+    return 0
+
+
+def result_rows(args, report, model_id, device, ref_ppl, q_ppl) -> list[tuple[str, str]]:
     what = f"{report['code_bits']}-bit" if report["code_bits"] else f"{args.allocation} allocation"
-    rows = [("model", model_id), ("method", f"{args.method} {what}, group {args.group_size}"),
-            ("checkpoint bytes", f"{report['checkpoint_bytes']:,}" + (f" (target {size:,})" if size else "")),
+    target = (f" (target {report['target_bytes']:,})" if report["target_bytes"] else
+              f" (target {args.bits} bits/weight)" if args.bits else "")
+    rows = [("model", model_id), ("method", f"{args.method} {what}, group {report['group_size']}"),
+            ("checkpoint bytes", f"{report['file_bytes']:,} in files, {report['checkpoint_bytes']:,} in tensors"
+             + target),
             ("bits/weight (quantized layers)", f"{report['bits_per_weight_layers']:.3f}"),
             ("bits/weight (whole checkpoint)", f"{report['bits_per_weight_total']:.3f}"),
             ("quantize time", f"{report['seconds']:.1f} s"), ("peak memory", f"{_peak_memory_mb(device):.0f} MiB")]
-    if report.get("rounds"):  # the learned allocation's held-out task cost, round 0 being the uniform allocation
+    if report.get("rounds"):  # these costs chose the kept round: a selection, not an estimate of quality
         costs = ", ".join(f"{r['cost']:.4f}" for r in report["rounds"])
-        rows.append((f"task cost by round ({args.cost}, held out)", f"{costs}; kept {report['best_cost']:.4f}"))
+        rows.append((f"selection cost by round ({args.cost})", f"{costs}; kept {report['best_cost']:.4f}"))
     if report.get("tune_costs"):  # epoch 0: the grids as quantized
         costs = ", ".join(f"{c:.4f}" for c in report["tune_costs"])
-        rows.append((f"task cost by tuning epoch ({args.cost}, held out)",
+        rows.append((f"selection cost by tuning epoch ({args.cost})",
                      f"{costs}; kept epoch {report['tune_kept_epoch']}"))
+    if "report_cost" in report:
+        rows.append((f"task cost ({args.cost}, held-out tokens no choice saw)", f"{report['report_cost']:.4f}"))
+    bos = ", BOS" if args.bos else ""
     for spec in ref_ppl:
-        rows.append((f"perplexity {spec} (reference)", f"{ref_ppl[spec]:.3f}"))
-        rows.append((f"perplexity {spec} (quantized)", f"{q_ppl[spec]:.3f}"))
+        rows.append((f"perplexity {spec} (reference, ctx {args.ctx}{bos})", f"{ref_ppl[spec]:.3f}"))
+        rows.append((f"perplexity {spec} (checkpoint reloaded)", f"{q_ppl[spec]:.3f}"))
     if args.out:
         rows.append(("written", str(args.out)))
-    print_table(rows)
-    return 0
+    return rows
 
 
 def main(argv=None) -> int:

@@ -58,6 +58,12 @@ def _weight(g: TunableGrid, signs: torch.Tensor | None = None, block: int = 0) -
     return checkpoint(lambda: unrotate(g.weight(), signs, block) if block else g.weight(), use_reentrant=False)
 
 
+def _lookup(g: TunableGrid, ids: torch.Tensor) -> torch.Tensor:
+    """An XbitEmbedding's lookup from its TunableGrid, scaled as the module scales it."""
+    rows = F.embedding(ids, _weight(g)).to(g.module.dtype_probe.dtype)
+    return rows * torch.tensor(g.module.embed_scale, dtype=rows.dtype) if g.module.embed_scale != 1.0 else rows
+
+
 def _differentiable_forwards(model, grids: dict):
     """Instance forwards that compute every quantized layer from its TunableGrid (restored by the caller).
 
@@ -67,7 +73,7 @@ def _differentiable_forwards(model, grids: dict):
     for module in model.modules():
         if isinstance(module, XbitEmbedding) and module in grids:
             g = grids[module]
-            module.forward = lambda ids, g=g: F.embedding(ids, _weight(g)).to(g.module.dtype_probe.dtype)
+            module.forward = lambda ids, g=g: _lookup(g, ids)
         elif isinstance(module, XbitTiedHead) and module.embedding in grids:
             g = grids[module.embedding]
             module.forward = lambda x, g=g: F.linear(x, _weight(g).to(x.dtype))

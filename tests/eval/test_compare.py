@@ -5,7 +5,8 @@ import json
 import pytest
 
 from tests.eval.test_tasks import fake_corpus
-from tests.tiny import WORDS
+import xbit
+from tests.tiny import WORDS, tiny_llama
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -19,7 +20,7 @@ def setup(tmp_path, monkeypatch, tiny_model_dir):
 
 
 def _argv(model, text, out, tasks="xbit_lastword_sotu,xbit_nextsent_moby"):
-    return ["--model", str(model), "--methods", "rtn", "gptq", "--targets", "gptq:3", "gptq:4", "3.5",
+    return ["--model", str(model), "--methods", "rtn", "gptq", "--targets", "gptq:3", "gptq:4", "6.5",
             "--out", str(out), "--texts", str(text), "--ctx", "32", "--max-tokens", "256", "--tasks", tasks,
             "--limit", "3", "--group-size", "128", "--batch-size", "4", "--no-progress",
             "--calib-samples", "4", "--calib-seq-len", "64"]
@@ -36,21 +37,21 @@ def test_compare_writes_results_and_resumes(setup, tmp_path, monkeypatch, capsys
     res = json.loads((out / "results.json").read_text())
     cells = {c["key"]: c for c in res["cells"]}
     assert cells["reference"]["status"] == "ok"
-    for target in ("gptq:3", "gptq:4", "3.5"):
+    for target in ("gptq:3", "gptq:4", "6.5"):
         rtn = cells[f"rtn@{target}"]
         assert rtn["status"] == "ok"
-        assert rtn["checkpoint_bytes"] <= res["targets"][target]
+        if not target.startswith("gptq:"):  # at gptq:B a uniform baseline is that B-bit quantization itself
+            assert rtn["file_bytes"] <= res["targets"][target]
         assert rtn["ppl"]["text.txt"]["protocol"] == "plain"
         assert set(rtn["tasks"]) == {"xbit_lastword_sotu", "xbit_nextsent_moby"}
         assert "acc" in rtn["tasks"]["xbit_lastword_sotu"] and "acc_norm" in rtn["tasks"]["xbit_nextsent_moby"]
-        assert cells[f"gptq@{target}"]["status"] in ("skipped", "ok")
-    # gptq:B is exactly the size of a uniform B-bit g128 checkpoint, so rtn lands on it exactly
-    assert cells["rtn@gptq:3"]["checkpoint_bytes"] == res["targets"]["gptq:3"]
+        assert cells[f"gptq@{target}"]["status"] == "ok"  # a method that fails fails the test
+    # gptq:B is the file of a standard GPTQ B-bit g128 checkpoint; the uniform baselines are B-bit there
+    assert res["targets"]["gptq:3"] == xbit.quantize.match_size(tiny_llama(), "gptq:3")
     assert cells["rtn@gptq:3"]["code_bits"] == 3 and cells["rtn@gptq:4"]["code_bits"] == 4
+    assert cells["gptq@gptq:3"]["code_bits"] == 3
     table = (out / "results.md").read_text()
     assert "| rtn | gptq:3 |" in table and "ppl text.txt" in table and "plain ctx=32" in table
-    if cells["gptq@gptq:3"]["status"] == "skipped":
-        assert "not available" in table
     pngs = sorted((out / "plots").glob("*.png"))
     names = {p.name for p in pngs}
     assert "quality_vs_size.png" in names

@@ -88,20 +88,32 @@ def test_generate_until_is_greedy_decoding():
     assert got == tok.decode(out)
 
 
-def test_path_loads_xbit_checkpoint_and_registry(tmp_path):
+def _save_default_xbit(out_dir):
+    """A default xbit checkpoint (the embedding table and the tied head quantized too); returns its tokenizer."""
     import xbit
-    from lm_eval.api.registry import get_model
     from xbit import checkpoint
 
     model, tok = tiny_llama(seed=3), tiny_tokenizer()
-    model, qconfig, report = xbit.quantize(model, tok, method="rtn", bits=4, group_size=32, progress=False)
-    checkpoint.save(model, tok, tmp_path / "q", qconfig, report)
+    text = " ".join(WORDS[(7 * i) % len(WORDS)] for i in range(300))
+    # two texts: xbit holds the last one out for its cost; each longer than seq_len tokens
+    model, qconfig, report = xbit.quantize(model, tok, method="xbit", bits=4, group_size=32, calib=[text, text],
+                                           calib_samples=8, seq_len=64, rounds=1, tune_epochs=0, progress=False)
+    checkpoint.save(model, tok, out_dir, qconfig, report)
+    return tok
+
+
+def test_path_loads_xbit_checkpoint_and_registry(tmp_path):
+    from lm_eval.api.registry import get_model
+
+    tok = _save_default_xbit(tmp_path / "q")
     register()
     cls = get_model("xbit")
     assert cls is XbitLM_cls()
     lm = cls.create_from_arg_string(f"path={tmp_path / 'q'},device=cpu,batch_size=2")
     loaded = lm.model
-    assert any(type(m).__name__ == "XbitLinear" for m in loaded.modules())
+    assert type(loaded.get_input_embeddings()).__name__ == "XbitEmbedding"
+    assert type(loaded.get_output_embeddings()).__name__ == "XbitTiedHead"
+    assert any(type(m).__name__ == "XbitLinear" for m in loaded.model.layers.modules())
     (ll, _), = lm.loglikelihood([_req("loglikelihood", CASES[0])])
     want, _ = _direct_loglikelihood(loaded, tok, *CASES[0])
     assert ll == pytest.approx(want, abs=1e-4)
@@ -141,11 +153,8 @@ def test_plain_lm_eval_cli_knows_xbit(tmp_path):
     import sys
 
     import xbit
-    from xbit import checkpoint
 
-    model, tok = tiny_llama(seed=3), tiny_tokenizer()
-    model, qconfig, report = xbit.quantize(model, tok, method="rtn", bits=4, group_size=32, progress=False)
-    checkpoint.save(model, tok, tmp_path / "q", qconfig, report)
+    tok = _save_default_xbit(tmp_path / "q")
     rows = [{"context": c, "target": t} for c, t in CASES]
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     tasks = tmp_path / "tasks"

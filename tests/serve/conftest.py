@@ -1,4 +1,5 @@
-"""Session fixtures: one tiny xbit checkpoint and one real server subprocess shared by the serve tests."""
+"""Session fixtures: one tiny default xbit checkpoint (embedding table and tied head quantized too, as
+`python -m xbit.quantize` writes by default) and one real server subprocess shared by the serve tests."""
 
 import pytest
 

@@ -33,26 +33,48 @@ def tiny_tokenizer():
     return fast
 
 
-def tiny_model(vocab_size: int, seed: int = 0):
+def tiny_model(vocab_size: int, seed: int = 0, tie: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+                      tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # sharper logits than the 0.02-std init, so greedy choices are not near-ties
-        model.lm_head.weight.mul_(8.0) if not cfg.tie_word_embeddings else model.model.embed_tokens.weight.mul_(8.0)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(8.0)  # sharper logits than the 0.02-std init: greedy choices are not near-ties
+        if tie:  # a tied head scores tokens against the input embeddings; stronger blocks stop it echoing its input
+            for layer in model.model.layers:
+                layer.self_attn.o_proj.weight.mul_(8.0)
+                layer.mlp.down_proj.weight.mul_(8.0)
     return model
 
 
-def make_xbit_dir(out_dir: Path) -> Path:
+def make_xbit_dir(out_dir: Path, tie: bool = True, quantize_embeddings: bool = True) -> Path:
+    """What `python -m xbit.quantize --method xbit` writes: by default the embedding table and the head are
+    quantized too (tied: one table, the head an XbitTiedHead; untied: the head an XbitLinear). One round, no
+    tuning, a few short calibration windows: about a second."""
+    import xbit
+    from xbit import checkpoint
+
+    tok = tiny_tokenizer()
+    model = tiny_model(len(tok), tie=tie)
+    # two texts: xbit holds the last one out for the cost, and each must be longer than seq_len tokens
+    model, qconfig, report = xbit.quantize(model, tok, method="xbit", bits=4, group_size=32, calib=[TEXT, TEXT],
+                                           calib_samples=8, seq_len=64, rounds=1, tune_epochs=0, progress=False,
+                                           quantize_embeddings=quantize_embeddings)
+    checkpoint.save(model, tok, out_dir, qconfig, report)
+    return out_dir
+
+
+def make_rtn_dir(out_dir: Path) -> Path:
+    """The rtn 4-bit baseline: float embeddings and head, every decoder linear an XbitLinear."""
     import xbit
     from xbit import checkpoint
 
     tok = tiny_tokenizer()
     model = tiny_model(len(tok))
-    model, qconfig, report = xbit.quantize(model, None, method="rtn", bits=4, group_size=32, progress=False)
+    model, qconfig, report = xbit.quantize(model, None, method="rtn", code_bits=4, group_size=32, progress=False)
     checkpoint.save(model, tok, out_dir, qconfig, report)
     return out_dir
 

@@ -15,7 +15,7 @@ from tests.tiny import tiny_llama, tiny_tokenizer
 
 def quantized_tiny(tie=True, bias=False, bits=3, group_size=32):
     model = tiny_llama(tie=tie, bias=bias)
-    return xbit.quantize(model, None, method="rtn", bits=bits, group_size=group_size, progress=False)
+    return xbit.quantize(model, None, method="rtn", code_bits=bits, group_size=group_size, progress=False)
 
 
 @pytest.fixture
@@ -66,11 +66,28 @@ def test_tied_embeddings_stored_once_and_untied_twice(tmp_path):
     assert torch.equal(loaded.model.layers[0].self_attn.q_proj.bias.half(), bias)
 
 
-def test_size_reported_equals_bytes_written(saved, tmp_path):
+# rtn 3-bit, groups of 32, on tiny_llama (hidden 64, intermediate 160, 2 layers, k/v out 32, vocabulary 128), counted
+# by hand in the xbit layout: per linear (in K -> out N) qweight int32 [ceil(K/32)*3, N], scales and zeros fp16
+# [ceil(K/32), N], perm int16 [K], bits uint8 [K]; the tied embedding and the norms in float16.
+XBIT_3BIT_G32_BY_HAND = 2 * (
+    2 * (2 * 3 * 64 * 4 + 2 * 2 * 64 * 2 + 64 * 2 + 64)  # q, o: 64 -> 64
+    + 2 * (2 * 3 * 32 * 4 + 2 * 2 * 32 * 2 + 64 * 2 + 64)  # k, v: 64 -> 32
+    + 2 * (2 * 3 * 160 * 4 + 2 * 2 * 160 * 2 + 64 * 2 + 64)  # gate, up: 64 -> 160
+    + (5 * 3 * 64 * 4 + 2 * 5 * 64 * 2 + 160 * 2 + 160)  # down: 160 -> 64
+) + 128 * 64 * 2 + (2 * 2 + 1) * 64 * 2
+
+
+@pytest.mark.parametrize("max_shard_bytes", [checkpoint.MAX_SHARD_BYTES, 20_000])
+def test_sizes_are_the_files_on_disk_and_the_layout_counted_by_hand(tmp_path, max_shard_bytes):
     model, qc, rep = quantized_tiny()
-    n = checkpoint.save(model, None, tmp_path / "c", qc, rep)
-    on_disk = sum(t.numel() * t.element_size() for t in load_file(tmp_path / "c" / "model.safetensors").values())
-    assert n == on_disk == rep["checkpoint_bytes"]
+    assert rep["checkpoint_bytes"] == XBIT_3BIT_G32_BY_HAND
+    written = checkpoint.save(model, None, tmp_path / "c", qc, rep, max_shard_bytes=max_shard_bytes)
+    files = sorted((tmp_path / "c").glob("*.safetensors"))
+    assert (len(files) > 1) == (max_shard_bytes < XBIT_3BIT_G32_BY_HAND)  # one header per shard
+    headers = sum(8 + int.from_bytes(f.read_bytes()[:8], "little") for f in files)
+    assert written == sum(f.stat().st_size for f in files) == XBIT_3BIT_G32_BY_HAND + headers
+    if len(files) == 1:  # the report predicts the default (one-file) checkpoint exactly
+        assert rep["file_bytes"] == written
 
 
 def _rewrite(out, fn):

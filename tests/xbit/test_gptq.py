@@ -56,8 +56,8 @@ def test_gptq_model_quantization_block_by_block_beats_rtn():
             logp = model(ids).logits.log_softmax(-1)
         return (ref_logp.exp() * (ref_logp - logp)).sum(-1).mean().item()
 
-    rtn, _, _ = xbit.quantize(tiny_llama(), tok, method="rtn", bits=2, group_size=32, progress=False)
-    gptq, qc, rep = xbit.quantize(tiny_llama(), tok, method="gptq", bits=2, group_size=32, calib=[text],
+    rtn, _, _ = xbit.quantize(tiny_llama(), tok, method="rtn", code_bits=2, group_size=32, progress=False)
+    gptq, qc, rep = xbit.quantize(tiny_llama(), tok, method="gptq", code_bits=2, group_size=32, calib=[text],
                                   calib_samples=8, seq_len=64, progress=False)
     assert qc["method"] == "gptq" and sum(isinstance(m, xbit.XbitLinear) for m in gptq.modules()) == 14
     assert kl(gptq) < kl(rtn)

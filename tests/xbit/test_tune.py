@@ -1,39 +1,63 @@
-"""End-to-end grid tuning: the differentiable weight is the reference dequantization, tuning lowers the task cost
-on text it never saw, and nothing but the scales and zeros changes."""
+"""End-to-end grid tuning: the differentiable weight is scale * (code - zero) of a layer built by hand, tuning lowers
+the task cost on text it never saw, and nothing but the scales and zeros changes."""
 
 import copy
 
 import torch
 
 import xbit
-from xbit.format import dequantize
+from xbit.format import assemble
 from xbit.learn import kl_cost
 from xbit.modules import XbitLinear
 from xbit.quantize import match_size
-from xbit.rtn import quantize_weight_rtn
 from xbit.tune import TunableGrid, _differentiable_forwards, tune_grids
 from tests.tiny import tiny_llama, tiny_tokenizer
 from tests.xbit.test_allocate import texts
 
 
-def test_tunable_weight_at_start_is_the_reference_dequantization():
+def hand_built_layer():
+    """A layer with known codes, scales and zeros: storage positions 0..39 hold 3-bit columns (groups of 16: scale
+    and zero rows 0, 1, 2), 40..44 0-bit columns, 45..69 5-bit columns (rows 3, 4); position j holds column perm[j]."""
     g = torch.Generator().manual_seed(3)
-    w = torch.randn(40, 150, generator=g)
-    bits = torch.randint(0, 9, (150,), generator=g).to(torch.uint8)
-    perm = torch.argsort(bits.long() * 1000 + torch.randperm(150, generator=g))
-    t = quantize_weight_rtn(w, bits, perm, 32)
-    layer = XbitLinear.from_tensors(t, None, 32)
-    expected = dequantize(t["qweight"], t["scales"], t["zeros"], t["perm"], t["bits"], 32)
+    out, group = 6, 16
+    perm = torch.randperm(70, generator=g)
+    bits = torch.zeros(70, dtype=torch.uint8)
+    bits[perm] = torch.tensor([3] * 40 + [0] * 5 + [5] * 25, dtype=torch.uint8)
+    codes3, codes5 = torch.randint(0, 8, (out, 40), generator=g), torch.randint(0, 32, (out, 25), generator=g)
+    scales = (torch.rand(5, out, generator=g) + 0.1).half()
+    zeros = (torch.rand(5, out, generator=g) * 7).half()
+    t = assemble(out, bits, perm, group, [codes3, codes5], [scales[:3], scales[3:]], [zeros[:3], zeros[3:]])
+    return XbitLinear.from_tensors(t, None, group), perm, codes3, codes5, scales.float(), zeros.float()
+
+
+def expected_weight(perm, codes3, codes5, scales, zeros):
+    """scale * (code - zero), element by element, in the original column order (0-bit columns zero)."""
+    w = torch.zeros(codes3.shape[0], 70)
+    for o in range(w.shape[0]):
+        for j in range(70):
+            if j < 40:
+                code, row = codes3[o, j], j // 16
+            elif j < 45:
+                continue
+            else:
+                code, row = codes5[o, j - 45], 3 + (j - 45) // 16
+            w[o, perm[j]] = scales[row, o] * (code - zeros[row, o])
+    return w
+
+
+def test_tunable_weight_is_scale_times_code_minus_zero_and_writes_back_its_grid():
+    layer, perm, codes3, codes5, scales, zeros = hand_built_layer()
     grid = TunableGrid(layer)
-    torch.testing.assert_close(grid.weight(), expected)
-    with torch.no_grad():  # a moved grid is written back into the float16 tensors the kernels read
+    torch.testing.assert_close(grid.weight(), expected_weight(perm, codes3, codes5, scales, zeros))
+    with torch.no_grad():  # a moved grid: scale * e^0.1, zero + 0.25 code steps
         grid.log_scale.add_(0.1)
         grid.shift.add_(0.25)
-    moved = grid.weight().detach()
-    grid.write_back()
-    after = dequantize(layer.qweight, layer.scales, layer.zeros, layer.perm, layer.bits, 32)
-    torch.testing.assert_close(after, moved, rtol=2e-3, atol=2e-3)
-    assert not torch.allclose(after, expected, atol=1e-3)
+    moved_scales, moved_zeros = scales * torch.tensor(0.1).exp(), zeros + 0.25
+    torch.testing.assert_close(grid.weight(), expected_weight(perm, codes3, codes5, moved_scales, moved_zeros))
+    grid.write_back()  # into the float16 tensors the kernels read
+    assert torch.equal(layer.scales, moved_scales.half()) and torch.equal(layer.zeros, moved_zeros.half())
+    rounded = expected_weight(perm, codes3, codes5, moved_scales.half().float(), moved_zeros.half().float())
+    torch.testing.assert_close(TunableGrid(layer).weight(), rounded)
 
 
 def test_tuning_lowers_the_cost_on_unseen_text_and_changes_only_scales_and_zeros(tmp_path):
