@@ -40,7 +40,7 @@ def quantize_default_xbit(model, tok, out_dir):
     return report
 
 
-def serve_completion(model_dir) -> str:
+def serve_completion(model_dir, prompt: str = "the time of the") -> str:
     """Serve the checkpoint in-process with the real app and uvicorn; complete one prompt with the OpenAI client."""
     openai = pytest.importorskip("openai")
     uvicorn = pytest.importorskip("uvicorn")
@@ -66,7 +66,7 @@ def serve_completion(model_dir) -> str:
             assert time.time() < deadline, "server did not become healthy"
             time.sleep(0.1)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
-        out = client.completions.create(model=model_dir.name, prompt="the time of the", max_tokens=4, temperature=0)
+        out = client.completions.create(model=model_dir.name, prompt=prompt, max_tokens=4, temperature=0)
         assert out.choices[0].finish_reason in ("length", "stop")
         return out.choices[0].text
     finally:

@@ -57,3 +57,25 @@ def test_learned_allocation_beats_uniform_on_real_weights_and_held_out_text(smol
     assert kl["learned"] < 0.9 * kl["uniform"], kl
     depths = {b for layer in reports["learned"]["layers"].values() for b, c in enumerate(layer["counts"]) if c}
     assert len(depths) >= 3  # a mixed allocation, not a uniform one relabelled
+
+
+def test_default_xbit_smollm2_checkpoint_serves_end_to_end(smollm2_head, tmp_path):
+    """The real SmolLM2 (its first blocks) with the default xbit layout: embedding table and tied head quantized
+    as one table, rotated blocks. Written, served, completed through the OpenAI client: the same greedy text as
+    the checkpoint loaded in-process."""
+    from tests.xbit.test_families import serve_completion
+    from xbit.modules import XbitEmbedding, XbitTiedHead
+
+    torch.set_num_threads(2)
+    load, tok, calib, _ = smollm2_head
+    model, qconfig, report = xbit.quantize(load(), tok, method="xbit", bits=4.5, calib=calib, calib_samples=8,
+                                           seq_len=128, rounds=1, tune_epochs=0, compensate=False, grid="minmax",
+                                           progress=False)
+    assert qconfig["tied"] == {"lm_head": "model.embed_tokens"}
+    xbit.checkpoint.save(model, tok, tmp_path / "smollm2-xbit", qconfig, report)
+    loaded = xbit.load(tmp_path / "smollm2-xbit", device="cpu")
+    assert isinstance(loaded.model.embed_tokens, XbitEmbedding) and isinstance(loaded.lm_head, XbitTiedHead)
+    prompt = "The state of the"
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    expected = tok.decode(loaded.generate(ids, max_new_tokens=4, do_sample=False)[0, ids.shape[1]:])
+    assert serve_completion(tmp_path / "smollm2-xbit", prompt=prompt) == expected
