@@ -1,9 +1,14 @@
 """The asymmetric uniform grid of one group: weight = scale * (code - zero), scale and zero in float16.
 
-Shared by every quantizer (rtn, gptq, xbit) so that they all produce the same kind of numbers. Two fits: "minmax"
-(the grid spans the group's range, as GPTQ and RTN baselines do) and "mse" (xbit's default: the range shrunk by
-the factor in CLIP_FACTORS that minimises each row's squared error; clipping a few extreme values buys a finer
-step for all the others, which pays most at 2-3 bits).
+Shared by every quantizer (rtn, gptq, xbit) so that they all produce the same kind of numbers. Two fits:
+- "minmax": the published asymmetric grid of the GPTQ and RTN baselines (GPTQ's Quantizer, AutoGPTQ, GPTQModel):
+  the group's range widened to include 0, scale = range / (2^b - 1), an integer zero point, so 0 is a level.
+- "mse" (xbit's default): the row's own range [f * min, f * max] spanned exactly (a float zero point), with the
+  factor f in CLIP_FACTORS that minimises each row's squared error; clipping a few extreme values buys a finer
+  step for all the others, which pays most at 2-3 bits.
+Measured on SmolLM2-135M (docs/BENCHMARKS.md): GPTQ 3-bit with a float zero spanning the exact range had slightly
+lower per-layer errors than the published grid but 28% / 26% higher perplexity; the baselines use the published
+grid.
 """
 
 import torch
@@ -21,7 +26,7 @@ def fit_grid(w: torch.Tensor, bits: int, grid: str = "minmax") -> tuple[torch.Te
         raise ValueError(f"unknown grid {grid!r}; available: {', '.join(GRIDS)}")
     f = torch.tensor(CLIP_FACTORS, dtype=w.dtype, device=w.device)[:, None]  # [F, 1]
     lo, hi = w.min(dim=1).values * f, w.max(dim=1).values * f  # [F, out]: every candidate range at once
-    scale, zero = fit_minmax(torch.stack([lo.flatten(), hi.flatten()], dim=1), bits)
+    scale, zero = fit_span(torch.stack([lo.flatten(), hi.flatten()], dim=1), bits)
     scale, zero = scale.view_as(lo)[..., None], zero.view_as(lo)[..., None]
     err = (w - dequantize_codes(quantize_codes(w, scale, zero, bits), scale, zero)).pow(2).sum(dim=2)
     best = err.argmin(dim=0, keepdim=True)  # first minimum: the widest range among equals
@@ -29,7 +34,18 @@ def fit_grid(w: torch.Tensor, bits: int, grid: str = "minmax") -> tuple[torch.Te
 
 
 def fit_minmax(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min-max grid per row of w [out, cols] -> (scale, zero) float32 [out], already rounded to float16.
+    """The published baseline grid per row of w [out, cols] -> (scale, zero) float32 [out]: the range
+    [min(w, 0), max(w, 0)], its scale rounded to float16, an integer zero point in [0, 2^b - 1]."""
+    maxq = (1 << bits) - 1
+    lo, hi = w.min(dim=1).values.clamp(max=0), w.max(dim=1).values.clamp(min=0)
+    span = hi - lo
+    scale = torch.where(span > 0, span / maxq, torch.ones_like(span)).half().float()
+    scale = torch.where(scale > 0, scale, torch.full_like(scale, 2.0**-24))  # float16 underflow
+    return scale, torch.round(-lo / scale).clamp(0, maxq)
+
+
+def fit_span(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A grid spanning each row's exact range -> (scale, zero) float32 [out], already rounded to float16.
 
     The zero point is a float, so the grid spans exactly [min, max] (two free levels at 1 bit). A constant row, or
     one whose zero point float16 cannot hold to half a step (values far from 0 relative to their spread), widens

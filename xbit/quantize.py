@@ -92,7 +92,7 @@ def quantize_model(model, tokenizer=None, calib: list[str] | None = None, device
     `quantize_embeddings` (xbit only) the embedding table and output head are candidates too (tied ones as one
     table). xbit stores the decoder-block linears in a random-sign block Hadamard basis with blocks of up to
     `rotation_block` input features (0: no rotation; see xbit.rotation), and fits each group's grid by `grid`
-    ("mse" or "minmax"; the rtn and gptq baselines always use minmax, as published). xbit then trains the grids
+    ("mse" or "minmax"; the rtn and gptq baselines always use minmax, the published GPTQ grid). xbit then trains the grids
     (scales and zeros) end to end against the cost for `tune_epochs` passes over the calibration tokens
     (xbit.tune; 0: no tuning). Every target is verified on the result.
     """

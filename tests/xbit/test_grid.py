@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from xbit.grid import CLIP_FACTORS, dequantize_codes, fit_grid, fit_minmax, quantize_codes
+from xbit.grid import CLIP_FACTORS, dequantize_codes, fit_grid, fit_span, quantize_codes
 
 
 def row_errors(w, scale, zero, bits):
@@ -24,9 +24,8 @@ def test_mse_grid_is_the_best_candidate_range_for_every_row(bits):
     got = row_errors(w, scale, zero, bits)
     for f in CLIP_FACTORS:  # brute force: every candidate range, one at a time
         lo, hi = w.min(dim=1).values * f, w.max(dim=1).values * f
-        s, z = fit_minmax(torch.stack([lo, hi], dim=1), bits)
+        s, z = fit_span(torch.stack([lo, hi], dim=1), bits)
         assert (got <= row_errors(w, s, z, bits) + 1e-6).all()
-    assert (got <= row_errors(w, *fit_grid(w, bits, "minmax"), bits) + 1e-6).all()  # f = 1 is a candidate
 
 
 @pytest.mark.parametrize("bits, gain", [(2, 0.7), (3, 0.85)])
@@ -44,6 +43,23 @@ def test_mse_grid_values_are_float16_and_codes_in_range():
     assert torch.equal(scale, scale.half().float()) and torch.equal(zero, zero.half().float())
     codes = quantize_codes(w, scale[:, None], zero[:, None], 3)
     assert codes.min() >= 0 and codes.max() <= 7
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_minmax_is_the_published_gptq_grid(bits):
+    """The baselines' grid as GPTQ's Quantizer computes it (asymmetric, per row): range widened to include 0,
+    scale = range / maxq, zero = round(-min / scale), codes clamp(round(w / scale) + zero) - written out here."""
+    w = heavy_tailed(rows=32) + torch.linspace(-0.5, 3.0, 32)[:, None]  # rows off centre: some all positive
+    maxq = 2**bits - 1
+    lo, hi = torch.minimum(w.min(1).values, torch.zeros(32)), torch.maximum(w.max(1).values, torch.zeros(32))
+    scale = ((hi - lo) / maxq).half().float()
+    zero = torch.round(-lo / scale)
+    scale_got, zero_got = fit_grid(w, bits, "minmax")
+    torch.testing.assert_close(scale_got, scale, rtol=0, atol=0)
+    torch.testing.assert_close(zero_got, zero, rtol=0, atol=0)
+    codes = torch.clamp(torch.round(w / scale[:, None]) + zero[:, None], 0, maxq)
+    assert torch.equal(quantize_codes(w, scale_got[:, None], zero_got[:, None], bits), codes.long())
+    assert (zero_got == zero_got.round()).all() and zero_got.min() >= 0 and zero_got.max() <= maxq
 
 
 def test_unknown_grid_is_refused():
