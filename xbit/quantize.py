@@ -92,9 +92,9 @@ def quantize_model(model, tokenizer=None, calib: list[str] | None = None, device
     `quantize_embeddings` (xbit only) the embedding table and output head are candidates too (tied ones as one
     table). xbit stores the decoder-block linears in a random-sign block Hadamard basis with blocks of up to
     `rotation_block` input features (0: no rotation; see xbit.rotation), and fits each group's grid by `grid`
-    ("mse" or "minmax"; the rtn and gptq baselines always use minmax, the published GPTQ grid). xbit then trains the grids
-    (scales and zeros) end to end against the cost for `tune_epochs` passes over the calibration tokens
-    (xbit.tune; 0: no tuning). Every target is verified on the result.
+    ("mse" or "minmax"; the rtn and gptq baselines always use minmax, the published GPTQ grid). xbit then trains
+    the grids (scales and zeros) end to end against the cost for `tune_epochs` passes over the calibration
+    tokens (xbit.tune; 0: no tuning). Every target is verified on the result.
     """
     s = settings or QuantizeSettings.from_kwargs(**options)
     adapter = adapter_for(model)
@@ -281,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"inputs, a power of two (default {MAX_BLOCK}; 0: no rotation)")
     p.add_argument("--grid", default="mse", choices=GRIDS,
                    help="xbit: fit each group's grid to minimise its squared error by clipping its range (mse, "
-                        "default) or span the range (minmax, as the rtn and gptq baselines do)")
+                        "default) or use the published GPTQ grid of the rtn and gptq baselines (minmax: the range "
+                        "with 0 in it, an integer zero point)")
     p.add_argument("--tune-epochs", type=int, default=DEFAULT_TUNE_EPOCHS,
                    help="xbit: passes over the calibration tokens training the scales and zeros end to end against "
                         f"the cost, codes fixed (default {DEFAULT_TUNE_EPOCHS}; 0: off)")

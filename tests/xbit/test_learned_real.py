@@ -47,7 +47,8 @@ def test_learned_allocation_beats_uniform_on_real_weights_and_held_out_text(smol
     kl, reports = {}, {}
     for allocation in ("uniform", "learned"):
         model, _, rep = xbit.quantize(load(), tok, method="xbit", size=size, calib=calib, calib_samples=16,
-                                      seq_len=256, allocation=allocation, rounds=3, tune_epochs=0, compensate=False, grid="minmax",
+                                      seq_len=256, allocation=allocation, rounds=3, tune_epochs=0, compensate=False,
+                                      grid="minmax",
                                       quantize_embeddings=False, progress=False)
         assert rep["file_bytes"] <= size
         with torch.no_grad():
