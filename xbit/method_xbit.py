@@ -31,7 +31,6 @@ from .rtn import quantize_weight_rtn
 from .tune import tune_grids
 
 
-
 def split_held_out(texts: list[str], fraction: float = 0.1) -> tuple[list[str], list[str], list[str]]:
     """(calibration, selection, report) texts: the last documents (or the end of a single text) are held out,
     a `fraction` each. The selection texts choose among learning rounds and tuning epochs; the report texts give
