@@ -9,7 +9,7 @@ in storage order, exactly as the format stores them, and each group's grid is fi
 import torch
 
 from .format import assemble, segments_of
-from .grid import fit_grid, quantize_codes
+from .grid import fit_grid, rounded
 
 
 def act_order(h: torch.Tensor) -> torch.Tensor:
@@ -37,50 +37,77 @@ def inverse_hessian_chol(h: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def quantize_weight_gptq(weight: torch.Tensor, h: torch.Tensor, bits: torch.Tensor, perm: torch.Tensor,
-                         group_size: int, damp: float = 0.01, block: int = 128, grid: str = "minmax") -> dict:
-    """weight [out, in], h = E[x x^T] [in, in] -> stored tensors of an x-bit layer (see xbit.format)."""
-    perm = perm.long()
-    w = weight.float()[:, perm].clone()
-    dead = torch.diagonal(h)[perm] == 0
-    w[:, dead] = 0
-    hinv = inverse_hessian_chol(h[perm][:, perm], damp)
-    col_bits = bits.long()[perm].tolist()
-    segs = segments_of(bits, perm, group_size)
-    seg_of_col = [s for s in segs for _ in range(s.cols)]
+def gptq_columns(w: torch.Tensor, hinv: torch.Tensor, col_bits: list[int], group_ends: dict, grid: str,
+                 block: int = 128) -> tuple[list, list]:
+    """The GPTQ sweep, in place: w [out, in] float32 in storage order becomes its quantized values, column by column,
+    each column's error pushed onto the later ones (within a block at once, onto the later blocks lazily in one
+    matmul, as the reference). `hinv`: upper Cholesky factor of H^-1 in the same order. `group_ends`: first
+    column of each group -> its end; the group's grid is fitted on the weights as they are when the sweep reaches
+    it. Returns the groups' (scales, zeros) in order. A 0-bit column becomes 0 and its error is compensated too."""
     n_out, n_in = w.shape
-    codes = torch.zeros(n_out, n_in, dtype=torch.int64, device=w.device)
     scales, zeros = [], []
     scale = zero = None
     for i1 in range(0, n_in, block):
         i2 = min(i1 + block, n_in)
-        w1, err1 = w[:, i1:i2].clone(), torch.zeros(n_out, i2 - i1, device=w.device)
+        w1, h1 = w[:, i1:i2], hinv[i1:i2, i1:i2]
+        err1 = torch.empty(n_out, i2 - i1, device=w.device)
         for i in range(i2 - i1):
-            col, b, seg = i1 + i, col_bits[i1 + i], seg_of_col[i1 + i]
-            d = hinv[col, col]
+            b, col = col_bits[i1 + i], w1[:, i]
             if b == 0:
-                q = torch.zeros_like(w1[:, i])
+                q = torch.zeros_like(col)
             else:
-                if (col - seg.start) % group_size == 0:  # a new group: fit its grid on the current weights
-                    end = min(col + group_size, seg.start + seg.cols)
-                    cur = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, : end - col]
-                    scale, zero = fit_grid(cur, b, grid)
+                if i1 + i in group_ends:  # w[:, i2:] has not had this block's updates yet, as in the reference
+                    scale, zero = fit_grid(w[:, i1 + i : group_ends[i1 + i]], b, grid)
                     scales.append(scale)
                     zeros.append(zero)
-                c = quantize_codes(w1[:, i : i + 1], scale[:, None], zero[:, None], b)[:, 0]
-                codes[:, col] = c
-                q = scale * (c.float() - zero)
-            e = (w1[:, i] - q) / d
-            w1[:, i:] -= e[:, None] * hinv[col, i1 + i : i2][None, :]
-            err1[:, i] = e
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+                q = rounded(col, scale, zero, b)
+            e = torch.sub(col, q, out=err1[:, i]).div_(h1[i, i])
+            w1[:, i + 1 :].addr_(e, h1[i, i + 1 :], alpha=-1)
+            col.copy_(q)
+        w[:, i2:].addmm_(err1, hinv[i1:i2, i2:], alpha=-1)
+    return scales, zeros
+
+
+def _prepare(weight, h, bits, perm, damp):
+    perm = perm.long()
+    w = weight.float()[:, perm].clone()
+    w[:, torch.diagonal(h)[perm] == 0] = 0
+    return w, inverse_hessian_chol(h[perm][:, perm], damp), bits.long()[perm].tolist()
+
+
+def _group_ends(segs, group_size) -> dict:
+    return {g: min(g + group_size, s.start + s.cols) for s in segs if s.bits for g in range(s.start, s.start + s.cols,
+                                                                                          group_size)}
+
+
+@torch.no_grad()
+def quantize_weight_gptq(weight: torch.Tensor, h: torch.Tensor, bits: torch.Tensor, perm: torch.Tensor,
+                         group_size: int, damp: float = 0.01, block: int = 128, grid: str = "minmax") -> dict:
+    """weight [out, in], h = E[x x^T] [in, in] -> stored tensors of an x-bit layer (see xbit.format)."""
+    w, hinv, col_bits = _prepare(weight, h, bits, perm, damp)
+    segs = segments_of(bits, perm.long(), group_size)
+    scales, zeros = gptq_columns(w, hinv, col_bits, _group_ends(segs, group_size), grid, block)
     seg_codes, seg_scales, seg_zeros, g = [], [], [], 0
     for seg in segs:
         if seg.bits == 0:
             continue
         n_groups = seg.groups(group_size)
-        seg_codes.append(codes[:, seg.start : seg.start + seg.cols])
-        seg_scales.append(torch.stack(scales[g : g + n_groups]))
-        seg_zeros.append(torch.stack(zeros[g : g + n_groups]))
+        s, z = torch.stack(scales[g : g + n_groups]), torch.stack(zeros[g : g + n_groups])
+        group = torch.arange(seg.cols, device=w.device) // group_size
+        # exact: every value is scale * (code - zero) with an integer code of at most 8 bits
+        seg_codes.append(torch.round(w[:, seg.start : seg.start + seg.cols] / s.t()[:, group] + z.t()[:, group]))
+        seg_scales.append(s)
+        seg_zeros.append(z)
         g += n_groups
     return assemble(weight.shape[0], bits, perm, group_size, seg_codes, seg_scales, seg_zeros)
+
+
+@torch.no_grad()
+def gptq_delta(weight: torch.Tensor, h: torch.Tensor, bits: torch.Tensor, perm: torch.Tensor, group_size: int,
+               damp: float = 0.01, grid: str = "minmax") -> torch.Tensor:
+    """Q - W [out, in] in the original column order, Q what quantize_weight_gptq stores (without packing it)."""
+    w, hinv, col_bits = _prepare(weight, h, bits, perm, damp)
+    gptq_columns(w, hinv, col_bits, _group_ends(segments_of(bits, perm.long(), group_size), group_size), grid)
+    out = torch.empty_like(w)
+    out[:, perm.long()] = w
+    return out - weight.float()

@@ -28,7 +28,7 @@ def fit_grid(w: torch.Tensor, bits: int, grid: str = "minmax") -> tuple[torch.Te
     lo, hi = w.min(dim=1).values * f, w.max(dim=1).values * f  # [F, out]: every candidate range at once
     scale, zero = fit_span(torch.stack([lo.flatten(), hi.flatten()], dim=1), bits)
     scale, zero = scale.view_as(lo)[..., None], zero.view_as(lo)[..., None]
-    err = (w - dequantize_codes(quantize_codes(w, scale, zero, bits), scale, zero)).pow(2).sum(dim=2)
+    err = rounded(w, scale, zero, bits).sub_(w).pow_(2).sum(dim=2)
     best = err.argmin(dim=0, keepdim=True)  # first minimum: the widest range among equals
     return scale[..., 0].gather(0, best)[0], zero[..., 0].gather(0, best)[0]
 
@@ -69,6 +69,11 @@ def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit
     return torch.clamp(torch.round(w / scale + zero), 0, maxq).to(torch.int64)
 
 
+def rounded(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """dequantize_codes(quantize_codes(w, ...)) in one buffer (the same numbers, without the int64 codes)."""
+    return (w / scale).add_(zero).round_().clamp_(0, (1 << bits) - 1).sub_(zero).mul_(scale)
+
+
 def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     return scale * (q.float() - zero)
 
@@ -76,4 +81,4 @@ def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -
 def round_to_grid(w: torch.Tensor, bits: int, grid: str = "minmax") -> torch.Tensor:
     """w [out, cols] rounded to its own grid (one group per row), as float: fit, quantize, dequantize."""
     scale, zero = fit_grid(w, bits, grid)
-    return dequantize_codes(quantize_codes(w, scale[:, None], zero[:, None], bits), scale[:, None], zero[:, None])
+    return rounded(w, scale[:, None], zero[:, None], bits)

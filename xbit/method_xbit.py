@@ -24,11 +24,12 @@ from torch import nn
 from .allocate import Problem, column_errors, solve, uniform_fraction
 from .calibrate import calibration_ids, decoder_layers_path, head_hessian, run_blocks, world
 from .format import dequantize
-from .gptq import quantize_weight_gptq
+from .gptq import gptq_delta, quantize_weight_gptq
 from .learn import learn_allocation, reference_logits, resolve_cost, task_cost
 from .rotation import block_size, pack_signs, random_signs, rotate_linear, signs_bytes
 from .rtn import quantize_weight_rtn
 from .tune import tune_grids
+from .usage import Usage
 
 
 def split_held_out(texts: list[str], fraction: float = 0.1) -> tuple[list[str], list[str], list[str]]:
@@ -166,12 +167,25 @@ def quantize_layer(w: torch.Tensor, h: torch.Tensor | None, bits: torch.Tensor, 
 
 def final_deltas(linears: dict, measurement: dict, group_size: int, damp: float, grid: str, compensate: bool):
     """delta(name, bits) -> Q - W as the final quantization (quantize_layer) will make it at those depths, with
-    the measured E[x x^T] in place of the one collected on quantized inputs."""
+    the measured E[x x^T] in place of the one collected on quantized inputs. A layer asked again at the depths of
+    one of its last two quantizations (a dropped round's next one is anchored to the kept one) is not quantized
+    again."""
+    recent = {}
 
     def delta(name, bits):
+        for old_bits, d in recent.get(name, []):
+            if torch.equal(old_bits, bits):
+                return d
         w, m = linears[name].weight, measurement[name]
-        t = quantize_layer(w, m.get("h") if compensate else None, bits, m["h_diag"], group_size, damp, grid)
-        return dequantize(t["qweight"], t["scales"], t["zeros"], t["perm"], t["bits"], group_size) - w.float()
+        h = m.get("h") if compensate else None
+        perm = storage_order(bits.to(w.device), m["h_diag"])
+        if h is not None:
+            d = gptq_delta(w, h.to(w.device), bits.to(w.device), perm, group_size, damp, grid)
+        else:
+            t = quantize_weight_rtn(w, bits.to(w.device), perm, group_size, grid)
+            d = dequantize(t["qweight"], t["scales"], t["zeros"], t["perm"], t["bits"], group_size) - w.float()
+        recent[name] = [(bits.clone(), d)] + recent.get(name, [])[:1]
+        return d
 
     return delta
 
@@ -208,55 +222,60 @@ REPORT_SAMPLES = 8  # further held-out sequences, seen by nothing, that give the
 
 
 def quantize_xbit(model, tokenizer, linears: dict, replace, budget: int, texts: list[str], device,
-                  settings, tied: dict | None = None, progress: bool = True):
+                  settings, tied: dict | None = None, progress: bool = True, usage: Usage | None = None):
     """Quantizes every layer in `linears`, handing its stored tensors to replace(name, module, tensors, block):
     layers of the decoder blocks inside their block (so later blocks calibrate on quantized inputs), the embeddings
     and head before the blocks. `tied` maps an output head's name to the embedding whose table it shares (one
     candidate). `settings`: xbit.settings.QuantizeSettings (its .xbit options: rotation, grid, allocation,
-    compensation, tuning). Returns the report extras, the task cost on the report tokens among them."""
+    compensation, tuning). `usage` (xbit.usage.Usage) times the phases. Returns the report extras, the task cost on
+    the report tokens among them."""
+    usage = usage or Usage()
     o = settings.xbit
     group_size, seed, damp, grid, compensate = settings.group_size, settings.seed, settings.damp, o.grid, o.compensate
     rotation_block, allocation = o.rotation_block, o.allocation
-    cost_fn = resolve_cost(o.cost) if isinstance(o.cost, str) else o.cost
-    calib_texts, selection_texts, report_texts = split_held_out(texts)
-    ids = calibration_ids(tokenizer, calib_texts, settings.calib_samples, settings.seq_len, seed)
-    held_ids = held_out_ids(tokenizer, selection_texts, SELECTION_SAMPLES, settings.seq_len, seed + 1)
-    report_ids = held_out_ids(tokenizer, report_texts, REPORT_SAMPLES, settings.seq_len, seed + 2)
-    report_ref = reference_logits(model, report_ids, batch_size=4, dtype=torch.bfloat16)
-    prefix = decoder_layers_path(model)
-    reference = copy.deepcopy(model) if o.tune_epochs else None  # the float model the tuning aims at
-    rotated = {}  # name -> (signs, block); the float layers compute the same function in the rotated basis
-    if rotation_block:
-        for name, lin in linears.items():
-            if not (name.startswith(prefix + ".") and isinstance(lin, nn.Linear)):
-                continue
-            block = block_size(lin.in_features, rotation_block)
-            if block > 1:  # (a block of 1 would only flip signs)
-                # one draw per block and width: layers reading one input (q/k/v, gate/up) see it rotated alike,
-                # so they still share one E[x x^T]
-                key = f"{prefix}.{name[len(prefix) + 1:].split('.')[0]}"
-                rotated[name] = (random_signs(lin.in_features, key, seed), block)
-                rotate_linear(lin, *rotated[name])
-        budget -= sum(signs_bytes(linears[n].in_features) for n in rotated)
-    basis = (f"Hadamard basis (blocks <= {rotation_block}, signs per block, seed {seed})" if rotated
-             else "original basis")
-    setup = f"{basis}, {grid} grid"  # what the saved column errors depend on besides the model
-    load_measurement_from = o.load_measurement
-    if load_measurement_from:
-        measurement = load_measurement(load_measurement_from, linears, group_size, setup)
-        if compensate and allocation == "learned" and any("h" not in measurement[n] for n in linears
-                                                          if n.startswith(prefix + ".")):
-            raise ValueError(f"measurement {load_measurement_from} has no E[x x^T] per layer (made by an older xbit "
-                             "or with --no-compensate); measure again")
-    else:
-        measurement = measure(model, linears, ids, device, group_size, progress, tied, grid,
-                              full_hessians=compensate)
-    if o.save_measurement and world()[0] == 0:
-        save_measurement(o.save_measurement, measurement, group_size, setup)
+    with usage.phase("measure"):  # (the rotation and the teacher logits included)
+        cost_fn = resolve_cost(o.cost) if isinstance(o.cost, str) else o.cost
+        calib_texts, selection_texts, report_texts = split_held_out(texts)
+        ids = calibration_ids(tokenizer, calib_texts, settings.calib_samples, settings.seq_len, seed)
+        held_ids = held_out_ids(tokenizer, selection_texts, SELECTION_SAMPLES, settings.seq_len, seed + 1)
+        report_ids = held_out_ids(tokenizer, report_texts, REPORT_SAMPLES, settings.seq_len, seed + 2)
+        report_ref = reference_logits(model, report_ids, batch_size=4, dtype=torch.bfloat16)
+        prefix = decoder_layers_path(model)
+        reference = copy.deepcopy(model) if o.tune_epochs else None  # the float model the tuning aims at
+        rotated = {}  # name -> (signs, block); the float layers compute the same function in the rotated basis
+        if rotation_block:
+            for name, lin in linears.items():
+                if not (name.startswith(prefix + ".") and isinstance(lin, nn.Linear)):
+                    continue
+                block = block_size(lin.in_features, rotation_block)
+                if block > 1:  # (a block of 1 would only flip signs)
+                    # one draw per block and width: layers reading one input (q/k/v, gate/up) see it rotated alike,
+                    # so they still share one E[x x^T]
+                    key = f"{prefix}.{name[len(prefix) + 1:].split('.')[0]}"
+                    rotated[name] = (random_signs(lin.in_features, key, seed), block)
+                    rotate_linear(lin, *rotated[name])
+            budget -= sum(signs_bytes(linears[n].in_features) for n in rotated)
+        basis = (f"Hadamard basis (blocks <= {rotation_block}, signs per block, seed {seed})" if rotated
+                 else "original basis")
+        setup = f"{basis}, {grid} grid"  # what the saved column errors depend on besides the model
+        load_measurement_from = o.load_measurement
+        if load_measurement_from:
+            measurement = load_measurement(load_measurement_from, linears, group_size, setup)
+            if compensate and allocation == "learned" and any("h" not in measurement[n] for n in linears
+                                                              if n.startswith(prefix + ".")):
+                raise ValueError(f"measurement {load_measurement_from} has no E[x x^T] per layer (made by an older "
+                                 "xbit or with --no-compensate); measure again")
+        else:
+            measurement = measure(model, linears, ids, device, group_size, progress, tied, grid,
+                                  full_hessians=compensate)
+        if o.save_measurement and world()[0] == 0:
+            save_measurement(o.save_measurement, measurement, group_size, setup)
     tied_heads = {emb: model.get_submodule(head) for head, emb in (tied or {}).items()}
-    bits, learned = allocate(model, linears, measurement, budget, group_size, allocation, held_ids, cost_fn,
-                             o.rounds, progress, importance=o.importance, min_bits=o.min_bits, tied_heads=tied_heads,
-                             delta_fn=final_deltas(linears, measurement, group_size, damp, grid, compensate))
+    with usage.phase("learn"):
+        bits, learned = allocate(model, linears, measurement, budget, group_size, allocation, held_ids, cost_fn,
+                                 o.rounds, progress, importance=o.importance, min_bits=o.min_bits,
+                                 tied_heads=tied_heads,
+                                 delta_fn=final_deltas(linears, measurement, group_size, damp, grid, compensate))
 
     def quantize_one(name, h):
         w = linears[name].weight
@@ -268,20 +287,22 @@ def quantize_xbit(model, tokenizer, linears: dict, replace, budget: int, texts: 
             tensors["rot_signs"] = pack_signs(signs).to(w.device)
         replace(name, linears[name], tensors, block)
 
-    for name in [n for n in linears if not n.startswith(prefix + ".")]:  # embeddings and head, from float stats
-        quantize_one(name, measurement[name].get("h"))
-
     def quantize_block(index, block, hessians):
         for local, h in hessians.items():
             name = f"{prefix}.{index}.{local}"
             if name in linears:
                 quantize_one(name, h)
 
-    run_blocks(model, ids, device, quantize_block, progress=progress, diag_only=not compensate)
+    with usage.phase("quantize"):
+        for name in [n for n in linears if not n.startswith(prefix + ".")]:  # embeddings, head: from float stats
+            quantize_one(name, measurement[name].get("h"))
+        run_blocks(model, ids, device, quantize_block, progress=progress, diag_only=not compensate)
     if o.tune_epochs:
-        learned.update(tune_grids(model, reference, ids, held_ids, cost_fn, epochs=o.tune_epochs, lr=o.tune_lr,
-                                  progress=progress))
-    learned["report_cost"] = task_cost(model, report_ids, report_ref, cost_fn, batch_size=4)
+        with usage.phase("tune"):
+            learned.update(tune_grids(model, reference, ids, held_ids, cost_fn, epochs=o.tune_epochs, lr=o.tune_lr,
+                                      progress=progress))
+    with usage.phase("report cost"):
+        learned["report_cost"] = task_cost(model, report_ids, report_ref, cost_fn, batch_size=4)
     return {"allocation": allocation, "compensate": compensate, "rotation_block": rotation_block, "grid": grid,
             **learned}
 

@@ -6,7 +6,6 @@ Also the Python API: `xbit.quantize(model, tokenizer, method=..., bits=... | siz
 import argparse
 import dataclasses
 import re
-import resource
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ from .settings import ALLOCATIONS, METHODS, QuantizeSettings, UsageError, XbitOp
 from .sizes import (float_component_bytes, float_linear_bytes, gptq_checkpoint_bytes, parse_size,
                     plan_bytes, planned_header_bytes, uniform_counts)
 from .tune import DEFAULT_TUNE_EPOCHS, TUNE_LR
+from .usage import Usage
 
 FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -81,7 +81,7 @@ def choose_uniform_bits(model, linears, group_size, float_dtype, bits=None, size
 
 @torch.no_grad()
 def quantize_model(model, tokenizer=None, calib: list[str] | None = None, device=None, progress: bool = True,
-                   settings: QuantizeSettings | None = None, **options):
+                   settings: QuantizeSettings | None = None, usage: Usage | None = None, **options):
     """Replace the model's linears by XbitLinear in place; returns (model, quantization_config, report).
 
     `settings` (xbit.settings.QuantizeSettings), or the same as keyword arguments (method="xbit", bits=2.56,
@@ -94,8 +94,10 @@ def quantize_model(model, tokenizer=None, calib: list[str] | None = None, device
     `rotation_block` input features (0: no rotation; see xbit.rotation), and fits each group's grid by `grid`
     ("mse" or "minmax"; the rtn and gptq baselines always use minmax, the published GPTQ grid). xbit then trains
     the grids (scales and zeros) end to end against the cost for `tune_epochs` passes over the calibration
-    tokens (xbit.tune; 0: no tuning). Every target is verified on the result.
+    tokens (xbit.tune; 0: no tuning). Every target is verified on the result. `usage` (xbit.usage.Usage) times the
+    phases; the report gets its wall times and peak memory.
     """
+    usage = usage or Usage()
     s = settings or QuantizeSettings.from_kwargs(**options)
     adapter = adapter_for(model)
     experts_split = split_experts(model, adapter)  # MoE: one nn.Linear per expert projection (xbit.moe)
@@ -141,7 +143,7 @@ def quantize_model(model, tokenizer=None, calib: list[str] | None = None, device
 
     if method == "xbit":
         extra = quantize_xbit(model, tokenizer, linears, replace, budget, calib, device, s, tied=tied,
-                              progress=progress)
+                              progress=progress, usage=usage)
     if method == "gptq":
         ids = calibration_ids(tokenizer, calib, s.calib_samples, s.seq_len, s.seed)
         prefix = decoder_layers_path(model)
@@ -154,7 +156,8 @@ def quantize_model(model, tokenizer=None, calib: list[str] | None = None, device
                     tensors = quantize_weight_gptq(lin.weight, h, uniform_bits(lin), act_order(h), group_size, s.damp)
                     replace(name, lin, tensors)
 
-        run_blocks(model, ids, device, quantize_block, progress=progress)
+        with usage.phase("quantize"):
+            run_blocks(model, ids, device, quantize_block, progress=progress)
     for name, lin in tqdm([kv for kv in linears.items() if kv[0] not in layers], desc=f"rtn {width}-bit",
                           disable=not progress or method != "rtn"):
         if width is None:
@@ -168,7 +171,7 @@ def quantize_model(model, tokenizer=None, calib: list[str] | None = None, device
         qconfig["tied"] = tied  # transformers must not tie (there is no .weight): xbit.hf ties the table on load
         model.config.tie_word_embeddings = False
     report = summarize(model, linears, float_dtype, method=method, code_bits=width, group_size=group_size,
-                       seconds=time.time() - t0, **extra)
+                       seconds=time.time() - t0, **extra, **usage.report(device))
     verify_target(report, s)
     report["target_bytes"] = s.size  # --match resolved to bytes (xbit) or to a code width and group (rtn, gptq)
     return model, qconfig, report
@@ -335,12 +338,6 @@ def _default_calib() -> list[str]:
         raise UsageError(f"default calibration text unavailable ({e}); pass --calib") from None
 
 
-def _peak_memory_mb(device: str) -> float:
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _perplexities(model, tok, args, progress) -> dict:
     from eval.perplexity import load_texts, perplexity, resolve_text
 
@@ -402,11 +399,14 @@ def run(args) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    model, tok, model_id = _load_model(args.model, device)
+    usage = Usage()
+    with usage.phase("load"):
+        model, tok, model_id = _load_model(args.model, device)
     evaluate = bool(args.eval_text) and lead
-    ref_ppl = _perplexities(model, tok, args, progress) if evaluate else {}
+    with usage.phase("reference perplexity"):
+        ref_ppl = _perplexities(model, tok, args, progress) if evaluate else {}
     model, qconfig, report = quantize_model(model, tok, calib=calib, device=device, progress=progress,
-                                            settings=settings)
+                                            settings=settings, usage=usage)
     report.update(model=model_id, target_bits=args.bits, match=args.match)
     if not lead:
         return 0
@@ -414,8 +414,9 @@ def run(args) -> int:
     with tempfile.TemporaryDirectory(prefix="xbit-eval-") as scratch:
         out = args.out or (Path(scratch) / "checkpoint" if evaluate else None)
         if out:
-            written = checkpoint.save(model, tok, out, qconfig, report, float_dtype=FLOAT_DTYPES[args.dtype],
-                                      overwrite=args.overwrite)
+            with usage.phase("save"):
+                written = checkpoint.save(model, tok, out, qconfig, report, float_dtype=FLOAT_DTYPES[args.dtype],
+                                          overwrite=args.overwrite)
             if report["target_bytes"] is not None and written > report["target_bytes"]:
                 raise RuntimeError(f"wrote {written} bytes of .safetensors files, above the target "
                                    f"{report['target_bytes']} (a bug)")
@@ -423,7 +424,9 @@ def run(args) -> int:
             del model
             from . import load
 
-            q_ppl = _perplexities(load(out, device=device), tok, args, progress)
+            with usage.phase("checkpoint perplexity"):
+                q_ppl = _perplexities(load(out, device=device), tok, args, progress)
+    report.update(usage.report(device))  # the table's figures include the saving and evaluating
     print_table(result_rows(args, report, model_id, device, ref_ppl, q_ppl))
     return 0
 
@@ -437,7 +440,12 @@ def result_rows(args, report, model_id, device, ref_ppl, q_ppl) -> list[tuple[st
              + target),
             ("bits/weight (quantized layers)", f"{report['bits_per_weight_layers']:.3f}"),
             ("bits/weight (whole checkpoint)", f"{report['bits_per_weight_total']:.3f}"),
-            ("quantize time", f"{report['seconds']:.1f} s"), ("peak memory", f"{_peak_memory_mb(device):.0f} MiB")]
+            ("quantize time", f"{report['seconds']:.1f} s"),
+            ("wall time by phase", ", ".join(f"{k} {v:.1f} s" for k, v in report["phase_seconds"].items())),
+            ("peak host RSS", f"{report['peak_host_rss_bytes'] / 2**30:.2f} GiB (after each phase: "
+             + ", ".join(f"{k} {v / 2**30:.2f}" for k, v in report["peak_rss_after_phase"].items()) + ")")]
+    if report["peak_device_bytes"] is not None:
+        rows.append(("peak device memory", f"{report['peak_device_bytes'] / 2**30:.2f} GiB"))
     if report.get("rounds"):  # these costs chose the kept round: a selection, not an estimate of quality
         costs = ", ".join(f"{r['cost']:.4f}" for r in report["rounds"])
         rows.append((f"selection cost by round ({args.cost})", f"{costs}; kept {report['best_cost']:.4f}"))

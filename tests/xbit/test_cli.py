@@ -140,3 +140,8 @@ def test_xbit_cli_matches_gptq_size_exactly_and_reports(tiny_model_dir, tmp_path
     costs = report["tune_costs"]
     assert len(costs) == 3 and costs[report["tune_kept_epoch"]] == min(costs)
     assert f"kept epoch {report['tune_kept_epoch']}" in stdout
+    # wall time per phase and peak memory: in the table and in the written report
+    assert set(report["phase_seconds"]) >= {"load", "measure", "learn", "quantize", "tune"}
+    assert all(v >= 0 for v in report["phase_seconds"].values())
+    assert report["peak_host_rss_bytes"] >= max(report["peak_rss_after_phase"].values()) > 2**20
+    assert "wall time by phase" in stdout and "peak host RSS" in stdout and report["peak_device_bytes"] is None
