@@ -126,3 +126,12 @@ def split_experts(model, adapter: Adapter | None = None, empty: bool = False) ->
             setattr(block.get_submodule(parent) if parent else block, child, LinearExperts.from_fused(fused, empty))
             done = True
     return done
+
+
+def logit_softcapping(model) -> float | None:
+    """The cap c of logits -> c * tanh(logits / c) that some families' forward applies after the head (Gemma-2)."""
+    config = model.config
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap is None and hasattr(config, "get_text_config"):
+        cap = getattr(config.get_text_config(), "final_logit_softcapping", None)
+    return cap

@@ -80,17 +80,17 @@ class _Recorder(nn.Module):
 
     def forward(self, hidden, *args, **kwargs):
         if self.index == 0:
-            self.inputs.append(hidden.detach())
+            self.inputs.append(hidden if torch.is_grad_enabled() else hidden.detach())
         self.kwargs[self.index].append({k: v for k, v in kwargs.items() if k not in self.DROPPED})
         if self.last:
             raise _Stop
         return hidden
 
 
-@torch.no_grad()
 def block_inputs(model, ids: torch.Tensor, device, batch_size: int = 8):
     """Hidden states entering block 0 for each calibration batch, and for every block the keyword arguments it
-    gets for each batch ([block][batch])."""
+    gets for each batch ([block][batch]). Under grad mode the hidden states keep their graph (xbit.blockwise
+    backpropagates into the embedding through them)."""
     path = decoder_layers_path(model)
     layers = model.get_submodule(path)
     parent = model.get_submodule(path.rpartition(".")[0]) if "." in path else model

@@ -100,14 +100,3 @@ def quantize_weight_gptq(weight: torch.Tensor, h: torch.Tensor, bits: torch.Tens
         seg_zeros.append(z)
         g += n_groups
     return assemble(weight.shape[0], bits, perm, group_size, seg_codes, seg_scales, seg_zeros)
-
-
-@torch.no_grad()
-def gptq_delta(weight: torch.Tensor, h: torch.Tensor, bits: torch.Tensor, perm: torch.Tensor, group_size: int,
-               damp: float = 0.01, grid: str = "minmax") -> torch.Tensor:
-    """Q - W [out, in] in the original column order, Q what quantize_weight_gptq stores (without packing it)."""
-    w, hinv, col_bits = _prepare(weight, h, bits, perm, damp)
-    gptq_columns(w, hinv, col_bits, _group_ends(segments_of(bits, perm.long(), group_size), group_size), grid)
-    out = torch.empty_like(w)
-    out[:, perm.long()] = w
-    return out - weight.float()

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import blockwise
 from .arch import adapter_for
 
 
@@ -54,16 +55,29 @@ class ErrorGates:
     embedding applies to its lookups (xbit.arch), which its error gets too."""
 
     def __init__(self, linears: dict, deltas: dict, tied_heads: dict | None = None, scale_of=None):
+        """deltas: name -> Q - W, or a function making it (called when the layer first runs; the result is kept
+        until release(), so only the layers of the block on the device need theirs expanded)."""
         self.t = torch.ones(len(linears), requires_grad=True)
-        self.handles = []
+        self.handles, self.deltas, self.ready = [], deltas, {}
         self.scale_of = scale_of or (lambda embedding: 1.0)
         for i, (name, module) in enumerate(linears.items()):
             for user in [module] + ([tied_heads[name]] if tied_heads and name in tied_heads else []):
-                self.handles.append(user.register_forward_hook(self._hook(i, deltas[name])))
+                self.handles.append(user.register_forward_hook(self._hook(i, name)))
 
-    def _hook(self, i, delta):
+    def delta(self, name: str, device) -> torch.Tensor:
+        if name not in self.ready:
+            d = self.deltas[name]
+            self.ready[name] = (d() if callable(d) else d).to(device)
+        return self.ready[name]
+
+    def release(self, prefix: str):
+        """Drops the expanded errors of the layers whose names start with prefix."""
+        for name in [n for n in self.ready if n.startswith(prefix)]:
+            del self.ready[name]
+
+    def _hook(self, i, name):
         def hook(module, inputs, output):
-            d = delta.to(output.dtype)
+            d = self.delta(name, output.device).to(output.dtype)
             if isinstance(module, nn.Embedding):
                 err = F.embedding(inputs[0], d) * torch.tensor(self.scale_of(module), dtype=output.dtype)
             else:
@@ -76,51 +90,26 @@ class ErrorGates:
             h.remove()
 
 
-def reference_logits(model, ids: torch.Tensor, batch_size: int, dtype=None) -> list[torch.Tensor]:
-    """The model's logits per batch of `ids` (kept in `dtype` on the CPU when given, to hold them compactly)."""
-    with torch.no_grad():
-        out = [model(ids[i : i + batch_size].to(model.device), use_cache=False).logits
-               for i in range(0, ids.shape[0], batch_size)]
-    return [o.to(dtype=dtype, device="cpu") for o in out] if dtype is not None else out
-
-
-def task_cost(model, ids: torch.Tensor, ref_logits: list[torch.Tensor], cost_fn, batch_size: int) -> float:
-    """The cost of `model` against reference logits from reference_logits(..., batch_size), averaged over ids."""
-    total = 0.0
-    with torch.no_grad():
-        for k, i in enumerate(range(0, ids.shape[0], batch_size)):
-            batch = ids[i : i + batch_size].to(model.device)
-            logits = model(batch, use_cache=False).logits
-            total += cost_fn(logits, ref_logits[k].to(logits.device, logits.dtype), batch).item() * batch.shape[0]
-    return total / ids.shape[0]
-
-
-def cost_and_gradient(model, linears, deltas, ids, ref_logits, cost_fn, batch_size: int, tied_heads=None):
-    """Task cost of the model with errors `deltas`, and dC/dt_l at t = 1 for every layer."""
+def cost_and_gradient(model, linears, deltas, teacher, cost_fn, device, batch_size: int, tied_heads=None):
+    """Task cost of the model with errors `deltas` against the teacher (xbit.blockwise.Teacher), and dC/dt_l at
+    t = 1 for every layer; one block on the device at a time."""
     gates = ErrorGates(linears, deltas, tied_heads, scale_of=adapter_for(model).scale_of)
-    total = 0.0
-    grad_mode = torch.is_grad_enabled()
-    torch.set_grad_enabled(True)  # callers run under no_grad; the gates need the graph
+    blocks = adapter_for(model).blocks
     try:
-        for k, i in enumerate(range(0, ids.shape[0], batch_size)):
-            batch = ids[i : i + batch_size].to(model.device)
-            logits = model(batch, use_cache=False).logits
-            loss = cost_fn(logits, ref_logits[k], batch) * batch.shape[0] / ids.shape[0]
-            loss.backward()
-            total += loss.item()
+        total = blockwise.cost(model, teacher.ids, teacher, cost_fn, device, batch_size,
+                               on_block=lambda i, block: lambda: gates.release(f"{blocks}.{i}."))
     finally:
         gates.remove()
-        torch.set_grad_enabled(grad_mode)
     return total, gates.t.grad.detach().double()
 
 
-def learn_allocation(model, problem, solve, budget, linears, held_out_ids, cost_fn, delta_fn, rounds: int = 4,
+def learn_allocation(model, problem, solve, budget, linears, teacher, cost_fn, delta_fn, device, rounds: int = 4,
                      batch_size: int = 4, progress: bool = True, initial_weights=None, tied_heads=None, start=None,
                      fee: float = 0.0):
     """Trust-region rounds of (allocate, measure cost and gradients, update sensitivities). Returns (bits, history).
 
     delta_fn(name, bits) -> Q - W of that layer as the final quantizer makes it (with error compensation, when
-    the run compensates: the cost must score the errors the checkpoint will have). `start`: an allocation scored
+    the run compensates: the cost must score the errors the checkpoint will have), or a function making it. `start`: an allocation scored
     in round 0 instead of the solve (xbit passes the uniform one, so the result is never worse than uniform on the
     held-out cost, and the first gradient is taken where the quantizer behaves as measured).
 
@@ -132,7 +121,6 @@ def learn_allocation(model, problem, solve, budget, linears, held_out_ids, cost_
     worse than uniform, and the step at fee 0.875 was 9% better."""
     for p in model.parameters():
         p.requires_grad_(False)
-    ref = reference_logits(model, held_out_ids, batch_size)
     weights = torch.ones(len(problem.names), dtype=torch.float64) if initial_weights is None else initial_weights
     best, history, proposal = None, [], weights
     for r in tqdm(range(rounds), desc="learning allocation", disable=not progress):
@@ -142,7 +130,7 @@ def learn_allocation(model, problem, solve, budget, linears, held_out_ids, cost_
         else:
             bits = solve(problem, budget, proposal, anchor=best[1], fee=fee)
         deltas = {n: delta_fn(n, bits[n]) for n in problem.names}
-        cost, grad = cost_and_gradient(model, linears, deltas, held_out_ids, ref, cost_fn, batch_size, tied_heads)
+        cost, grad = cost_and_gradient(model, linears, deltas, teacher, cost_fn, device, batch_size, tied_heads)
         moved = 0 if r == 0 else sum((bits[n] != best[1][n]).sum().item() for n in problem.names)
         history.append({"round": r, "allocation": "start" if from_start else "learned", "cost": cost,
                         "fee": None if r == 0 else fee, "moved": moved / problem.err.shape[0],

@@ -14,7 +14,6 @@
    (xbit.tune), aiming at a float copy of the model taken before the rotation.
 """
 
-import copy
 import json
 
 import torch
@@ -22,10 +21,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .allocate import Problem, column_errors, solve, uniform_fraction
-from .calibrate import calibration_ids, decoder_layers_path, head_hessian, run_blocks, world
+from .calibrate import calibration_ids, decoder_layers_path, final_norm, head_hessian, run_blocks, world
 from .format import dequantize
-from .gptq import gptq_delta, quantize_weight_gptq
-from .learn import learn_allocation, reference_logits, resolve_cost, task_cost
+from .gptq import quantize_weight_gptq
+from . import blockwise
+from .blockwise import Teacher
+from .learn import learn_allocation, resolve_cost
 from .rotation import block_size, pack_signs, random_signs, rotate_linear, signs_bytes
 from .rtn import quantize_weight_rtn
 from .tune import tune_grids
@@ -93,7 +94,7 @@ def measure(model, linears: dict, ids: torch.Tensor, device, group_size: int, pr
             diag = h_head.diagonal().clone()
             err = column_errors(w, diag, group_size, grid)
             out[name] = {"h_diag": diag.cpu(), "h": h_head.cpu(), "err": err.cpu()}
-    return out
+    return out, hidden
 
 
 def save_measurement(path, measurement: dict, group_size: int, setup: str):
@@ -165,27 +166,25 @@ def quantize_layer(w: torch.Tensor, h: torch.Tensor | None, bits: torch.Tensor, 
     return quantize_weight_rtn(w, bits, perm, group_size, grid)
 
 
-def final_deltas(linears: dict, measurement: dict, group_size: int, damp: float, grid: str, compensate: bool):
-    """delta(name, bits) -> Q - W as the final quantization (quantize_layer) will make it at those depths, with
-    the measured E[x x^T] in place of the one collected on quantized inputs. A layer asked again at the depths of
-    one of its last two quantizations (a dropped round's next one is anchored to the kept one) is not quantized
-    again."""
+def final_deltas(linears: dict, measurement: dict, group_size: int, damp: float, grid: str, compensate: bool,
+                 device):
+    """delta(name, bits) -> a function making Q - W as the final quantization (quantize_layer) will make it at
+    those depths, with the measured E[x x^T] in place of the one collected on quantized inputs. The layer is
+    quantized at once (on the device) and kept packed on the host, a checkpoint's bytes for the whole model; Q - W
+    is expanded only when its block runs. A layer asked again at the depths of one of its last two quantizations
+    (a dropped round's next one is anchored to the kept one) is not quantized again."""
     recent = {}
 
     def delta(name, bits):
-        for old_bits, d in recent.get(name, []):
-            if torch.equal(old_bits, bits):
-                return d
+        t = next((t for old, t in recent.get(name, []) if torch.equal(old, bits)), None)
         w, m = linears[name].weight, measurement[name]
-        h = m.get("h") if compensate else None
-        perm = storage_order(bits.to(w.device), m["h_diag"])
-        if h is not None:
-            d = gptq_delta(w, h.to(w.device), bits.to(w.device), perm, group_size, damp, grid)
-        else:
-            t = quantize_weight_rtn(w, bits.to(w.device), perm, group_size, grid)
-            d = dequantize(t["qweight"], t["scales"], t["zeros"], t["perm"], t["bits"], group_size) - w.float()
-        recent[name] = [(bits.clone(), d)] + recent.get(name, [])[:1]
-        return d
+        if t is None:
+            h = m.get("h") if compensate else None
+            t = quantize_layer(w.to(device), None if h is None else h.to(device), bits, m["h_diag"], group_size,
+                               damp, grid)
+            t = {k: v.to(w.device) for k, v in t.items()}
+            recent[name] = [(bits.clone(), t)] + recent.get(name, [])[:1]
+        return lambda: dequantize(t["qweight"], t["scales"], t["zeros"], t["perm"], t["bits"], group_size) - w.float()
 
     return delta
 
@@ -193,8 +192,8 @@ def final_deltas(linears: dict, measurement: dict, group_size: int, damp: float,
 DEFAULT_MIN_BITS = 2  # 1-bit columns rarely pay; below the size where every column has 2 bits they must
 
 
-def allocate(model, linears, measurement, budget, group_size, allocation, held_out_ids, cost_fn, rounds,
-             progress, importance: float = 0.5, min_bits: int | None = None, tied_heads: dict | None = None,
+def allocate(model, linears, measurement, budget, group_size, allocation, teacher, cost_fn, rounds,
+             progress, device, importance: float = 0.5, min_bits: int | None = None, tied_heads: dict | None = None,
              delta_fn=None):
     """(bits per layer, report extras). min_bits None: DEFAULT_MIN_BITS, lowered until the budget can be met."""
     err = tempered_errors(measurement, importance)
@@ -211,7 +210,7 @@ def allocate(model, linears, measurement, budget, group_size, allocation, held_o
     weights = 1.0 / energy.clamp(min=1e-30)
     if allocation == "proxy":
         return solve(problem, budget, weights), {"min_bits": floor}
-    bits, learned = learn_allocation(model, problem, solve, budget, linears, held_out_ids, cost_fn, delta_fn,
+    bits, learned = learn_allocation(model, problem, solve, budget, linears, teacher, cost_fn, delta_fn, device,
                                      rounds=rounds, progress=progress, initial_weights=weights,
                                      tied_heads=tied_heads, start=uniform)
     return bits, {"min_bits": floor, **learned}
@@ -239,9 +238,7 @@ def quantize_xbit(model, tokenizer, linears: dict, replace, budget: int, texts: 
         ids = calibration_ids(tokenizer, calib_texts, settings.calib_samples, settings.seq_len, seed)
         held_ids = held_out_ids(tokenizer, selection_texts, SELECTION_SAMPLES, settings.seq_len, seed + 1)
         report_ids = held_out_ids(tokenizer, report_texts, REPORT_SAMPLES, settings.seq_len, seed + 2)
-        report_ref = reference_logits(model, report_ids, batch_size=4, dtype=torch.bfloat16)
         prefix = decoder_layers_path(model)
-        reference = copy.deepcopy(model) if o.tune_epochs else None  # the float model the tuning aims at
         rotated = {}  # name -> (signs, block); the float layers compute the same function in the rotated basis
         if rotation_block:
             for name, lin in linears.items():
@@ -259,6 +256,7 @@ def quantize_xbit(model, tokenizer, linears: dict, replace, budget: int, texts: 
                  else "original basis")
         setup = f"{basis}, {grid} grid"  # what the saved column errors depend on besides the model
         load_measurement_from = o.load_measurement
+        last_hidden = None  # the float model's last block outputs on the calibration sequences, when measured now
         if load_measurement_from:
             measurement = load_measurement(load_measurement_from, linears, group_size, setup)
             if compensate and allocation == "learned" and any("h" not in measurement[n] for n in linears
@@ -266,16 +264,29 @@ def quantize_xbit(model, tokenizer, linears: dict, replace, budget: int, texts: 
                 raise ValueError(f"measurement {load_measurement_from} has no E[x x^T] per layer (made by an older "
                                  "xbit or with --no-compensate); measure again")
         else:
-            measurement = measure(model, linears, ids, device, group_size, progress, tied, grid,
-                                  full_hessians=compensate)
+            measurement, last_hidden = measure(model, linears, ids, device, group_size, progress, tied, grid,
+                                               full_hessians=compensate)
         if o.save_measurement and world()[0] == 0:
             save_measurement(o.save_measurement, measurement, group_size, setup)
+        # the float model's outputs that the learning, the tuning and the report aim at (no copy of the model)
+        report_teacher = Teacher(model, report_ids, device)
+        held_teacher = Teacher(model, held_ids, device) if allocation == "learned" or o.tune_epochs else None
+        train_teacher = None
+        if o.tune_epochs:
+            normed = None
+            if last_hidden is not None and world()[1] == 1:  # (a process measures only its share of them)
+                with torch.no_grad():
+                    norm = final_norm(model).to(device)
+                    normed = torch.cat([norm(h).float().cpu() for h in last_hidden])
+            train_teacher = Teacher(model, ids, device, normed=normed)
+        del last_hidden
     tied_heads = {emb: model.get_submodule(head) for head, emb in (tied or {}).items()}
     with usage.phase("learn"):
-        bits, learned = allocate(model, linears, measurement, budget, group_size, allocation, held_ids, cost_fn,
-                                 o.rounds, progress, importance=o.importance, min_bits=o.min_bits,
+        bits, learned = allocate(model, linears, measurement, budget, group_size, allocation, held_teacher, cost_fn,
+                                 o.rounds, progress, device, importance=o.importance, min_bits=o.min_bits,
                                  tied_heads=tied_heads,
-                                 delta_fn=final_deltas(linears, measurement, group_size, damp, grid, compensate))
+                                 delta_fn=final_deltas(linears, measurement, group_size, damp, grid, compensate,
+                                                       device))
 
     def quantize_one(name, h):
         w = linears[name].weight
@@ -299,10 +310,10 @@ def quantize_xbit(model, tokenizer, linears: dict, replace, budget: int, texts: 
         run_blocks(model, ids, device, quantize_block, progress=progress, diag_only=not compensate)
     if o.tune_epochs:
         with usage.phase("tune"):
-            learned.update(tune_grids(model, reference, ids, held_ids, cost_fn, epochs=o.tune_epochs, lr=o.tune_lr,
-                                      progress=progress))
+            learned.update(tune_grids(model, train_teacher, held_teacher, cost_fn, device, epochs=o.tune_epochs,
+                                      lr=o.tune_lr, progress=progress))
     with usage.phase("report cost"):
-        learned["report_cost"] = task_cost(model, report_ids, report_ref, cost_fn, batch_size=4)
+        learned["report_cost"] = blockwise.cost(model, report_ids, report_teacher, cost_fn, device, backward=False)
     return {"allocation": allocation, "compensate": compensate, "rotation_block": rotation_block, "grid": grid,
             **learned}
 

@@ -9,8 +9,8 @@ kept result is never worse on them than no tuning.
 Parametrisation: scale = scale0 * exp(a) and zero = zero0 + c (in code steps), a = c = 0 at the start, so one
 learning rate suits every layer whatever its weights' magnitude.
 
-Memory: the quantized model and its float reference both sit on the device, with one batch's activations and
-gradients (unlike the calibration, which holds one block at a time); --tune-epochs 0 where that does not fit.
+Memory: one block on the device at a time (xbit.blockwise); the float model is not kept, only its final hidden
+states on the calibration and held-out sequences with the float head (xbit.blockwise.Teacher).
 """
 
 import torch
@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
+from . import blockwise
+from .blockwise import Teacher
 from .format import dequantize_unpacked, unpack_layer
 from .modules import XbitEmbedding, XbitLinear, XbitTiedHead
 from .rotation import unpack_signs, unrotate
@@ -91,12 +93,12 @@ def _differentiable_forwards(model, grids: dict):
     return patched
 
 
-def tune_grids(model, reference, train_ids: torch.Tensor, held_ids: torch.Tensor, cost_fn, epochs: int = 2,
-               lr: float = TUNE_LR, batch_size: int = 4, progress: bool = True) -> dict:
-    """Trains the scales and zeros of every XbitLinear/XbitEmbedding in `model` in place. `reference`: the float
-    model (same function before quantization) giving the target logits. Returns the report: held-out cost per
-    epoch (epoch 0 = untuned) and the epoch kept."""
-    device = next(model.parameters()).device
+def tune_grids(model, train: Teacher, held: Teacher, cost_fn, device, epochs: int = 2, lr: float = TUNE_LR,
+               batch_size: int = 4, progress: bool = True) -> dict:
+    """Trains the scales and zeros of every XbitLinear/XbitEmbedding in `model` in place, against the float
+    model's outputs that the teachers hold (xbit.blockwise.Teacher: `train` on the calibration sequences, `held`
+    on the held-out ones that choose the epoch). One block on the device at a time. Returns the report: held-out
+    cost per epoch (epoch 0 = untuned) and the epoch kept."""
     grids = {m: TunableGrid(m) for m in model.modules() if isinstance(m, XbitLinear)}
     params = [p for g in grids.values() for p in g.params()]
     for p in model.parameters():
@@ -104,36 +106,25 @@ def tune_grids(model, reference, train_ids: torch.Tensor, held_ids: torch.Tensor
     patched = _differentiable_forwards(model, grids)
     try:
         def held_out_cost():
-            with torch.no_grad():
-                total = 0.0
-                for i in range(0, held_ids.shape[0], batch_size):  # reference logits on the fly: a large
-                    batch = held_ids[i : i + batch_size].to(device)   # vocabulary makes them gigabytes
-                    ref = reference(batch, use_cache=False).logits
-                    logits = model(batch, use_cache=False).logits
-                    total += cost_fn(logits, ref, batch).item() * batch.shape[0] / held_ids.shape[0]
-                return total
+            return blockwise.cost(model, held.ids, held, cost_fn, device, batch_size, backward=False)
 
         costs = [held_out_cost()]
         best = (costs[0], [p.detach().clone() for p in params])
         opt = torch.optim.Adam(params, lr=lr)
-        steps = epochs * -(-train_ids.shape[0] // batch_size)
+        steps = epochs * -(-train.ids.shape[0] // batch_size)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
         gen = torch.Generator().manual_seed(0)
         bar = tqdm(total=steps, desc="tuning grids", disable=not progress)
         for _ in range(epochs):
-            order = torch.randperm(train_ids.shape[0], generator=gen)
+            order = torch.randperm(train.ids.shape[0], generator=gen)
             for i in range(0, order.numel(), batch_size):
-                batch = train_ids[order[i : i + batch_size]].to(device)
-                with torch.no_grad():
-                    ref = reference(batch, use_cache=False).logits
-                with torch.enable_grad():
-                    loss = cost_fn(model(batch, use_cache=False).logits, ref, batch)
-                    opt.zero_grad()
-                    loss.backward()
+                batch = train.subset(order[i : i + batch_size])
+                opt.zero_grad()
+                loss = blockwise.cost(model, batch.ids, batch, cost_fn, device, batch_size)
                 opt.step()
                 sched.step()
                 bar.update(1)
-                bar.set_postfix(cost=f"{loss.item():.4f}")
+                bar.set_postfix(cost=f"{loss:.4f}")
             costs.append(held_out_cost())
             if costs[-1] < best[0]:
                 best = (costs[-1], [p.detach().clone() for p in params])

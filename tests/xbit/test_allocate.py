@@ -93,14 +93,13 @@ def test_trust_region_drops_worse_rounds_and_shrinks_the_step(monkeypatch):
     start = {n: torch.full((p.shapes[n][1],), 3, dtype=torch.uint8) for n in p.names}
 
     def run(sign):
-        def stand_in_cost(model, linears, deltas, ids, ref, cost_fn, batch_size, tied_heads):
+        def stand_in_cost(model, linears, deltas, teacher, cost_fn, device, batch_size, tied_heads):
             moved = sum((d != 3).sum().item() for d in deltas.values())
             return 1.0 + sign * moved / 1000, torch.linspace(1.0, 3.0, len(p.names), dtype=torch.float64)
 
-        monkeypatch.setattr(learn, "reference_logits", lambda *a: None)
         monkeypatch.setattr(learn, "cost_and_gradient", stand_in_cost)
         return learn.learn_allocation(torch.nn.Linear(1, 1), p, solve, budget, {}, None, None,
-                                      lambda name, bits: bits, rounds=4, progress=False, start=start)
+                                      lambda name, bits: bits, "cpu", rounds=4, progress=False, start=start)
 
     bits, report = run(+1)
     assert all(torch.equal(bits[n], start[n]) for n in p.names)
@@ -207,8 +206,8 @@ def test_learning_scores_the_compensated_errors_the_checkpoint_will_have():
     lin.weight.data = torch.randn(48, 64, generator=g)
     meas = {"l": {"h_diag": h.diagonal().clone(), "h": h.to(torch.bfloat16)}}
     bits = torch.randint(2, 5, (64,), generator=g).to(torch.uint8)
-    comp = final_deltas({"l": lin}, meas, 32, 0.01, "mse", True)("l", bits)
-    plain = final_deltas({"l": lin}, meas, 32, 0.01, "mse", False)("l", bits)
+    comp = final_deltas({"l": lin}, meas, 32, 0.01, "mse", True, "cpu")("l", bits)()
+    plain = final_deltas({"l": lin}, meas, 32, 0.01, "mse", False, "cpu")("l", bits)()
     out_err = lambda d: torch.trace(d @ h @ d.t()).item()  # noqa: E731
     assert out_err(comp) < 0.8 * out_err(plain)
     exact = quantize_weight_gptq(lin.weight, h, bits, storage_order(bits, h.diagonal()), 32, 0.01, grid="mse")

@@ -10,6 +10,7 @@ from xbit.format import assemble
 from xbit.learn import kl_cost
 from xbit.modules import XbitLinear
 from xbit.quantize import match_size
+from xbit.blockwise import Teacher
 from xbit.tune import TunableGrid, _differentiable_forwards, tune_grids
 from tests.tiny import tiny_llama, tiny_tokenizer
 from tests.xbit.test_allocate import texts
@@ -83,7 +84,8 @@ def test_tuning_lowers_the_cost_on_unseen_text_and_changes_only_scales_and_zeros
     for m in patched:
         del m.forward
     stored = {k: v.clone() for k, v in model.state_dict().items()}
-    rep = tune_grids(model, reference, train, held, kl_cost, epochs=4, lr=1e-2, batch_size=4, progress=False)
+    rep = tune_grids(model, Teacher(reference, train, "cpu"), Teacher(reference, held, "cpu"), kl_cost, "cpu",
+                     epochs=4, lr=1e-2, batch_size=4, progress=False)
     with torch.no_grad():
         after = kl_cost(model(unseen).logits, ref_unseen, unseen).item()
     assert after < 0.9 * before
@@ -103,7 +105,8 @@ def test_tuning_keeps_the_untuned_grids_when_no_epoch_helps():
     g = torch.Generator().manual_seed(6)
     train, held = torch.randint(3, 128, (4, 64), generator=g), torch.randint(3, 128, (4, 64), generator=g)
     stored = copy.deepcopy(model.state_dict())
-    rep = tune_grids(model, reference, train, held, kl_cost, epochs=1, lr=10.0, batch_size=4, progress=False)
+    rep = tune_grids(model, Teacher(reference, train, "cpu"), Teacher(reference, held, "cpu"), kl_cost, "cpu",
+                     epochs=1, lr=10.0, batch_size=4, progress=False)
     assert rep["tune_kept_epoch"] == 0  # a wild step only made it worse
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, stored[k], rtol=0, atol=0)
