@@ -18,16 +18,19 @@ SCALE_ZERO_BITS = 32  # float16 scale + float16 zero per row per group
 ERROR_CHUNK_ELEMENTS = 1 << 22  # weights per batched grid fit (the mse fit holds 21 candidates of each)
 
 
-def column_errors(weight: torch.Tensor, h_diag: torch.Tensor, group_size: int, grid: str = "minmax") -> torch.Tensor:
+def column_errors(weight: torch.Tensor, h_diag: torch.Tensor, group_size: int, grid: str = "minmax",
+                  device=None) -> torch.Tensor:
     """err [in, 9]: E[x_j^2] * ||w_j - q_b(w_j)||^2 for b = 0..8, groups of consecutive original columns.
 
     Every (row, group) pair is one independent grid fit, so the whole-group part of the table is fitted as one
     batch of rows [out * groups, group_size], in chunks of ERROR_CHUNK_ELEMENTS weights (a 262k-row embedding
-    table needs no more memory than a small layer); a partial last group is a second batch."""
-    w = weight.float()
+    table needs no more memory than a small layer); a partial last group is a second batch. The chunks are
+    computed on `device` (default: the weight's), the table [in, 9] is returned there."""
+    device = weight.device if device is None else torch.device(device)
+    w = weight.detach()
     out, k = w.shape
-    err = torch.empty(k, MAX_BITS + 1, device=w.device)
-    err[:, 0] = w.pow(2).sum(0)
+    err = torch.empty(k, MAX_BITS + 1, device=device)
+    err[:, 0] = sum(r.to(device).float().pow(2).sum(0) for r in w.split(max(1, ERROR_CHUNK_ELEMENTS // k)))
     whole = k - k % group_size
     parts = [(w[:, :whole].reshape(-1, group_size), slice(0, whole))] if whole else []
     if whole < k:
@@ -35,9 +38,11 @@ def column_errors(weight: torch.Tensor, h_diag: torch.Tensor, group_size: int, g
     for rows, cols in parts:
         step = max(1, ERROR_CHUNK_ELEMENTS // rows.shape[1])
         for b in range(1, MAX_BITS + 1):
-            sq = torch.cat([(r - round_to_grid(r, b, grid)).pow(2) for r in rows.split(step)])
+            chunks = (r.to(device).float() for r in rows.split(step))
+            sq = torch.cat([(c - round_to_grid(c, b, grid)).pow(2) for c in chunks])
             err[cols, b] = sq.reshape(out, -1).sum(0)
-    return err * h_diag.float().clamp(min=0)[:, None]
+    return err * h_diag.to(device).float().clamp(min=0)[:, None]
+
 
 
 def column_bit_cost(out_features: int, group_size: int) -> torch.Tensor:

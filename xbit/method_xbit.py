@@ -15,9 +15,11 @@
 """
 
 import json
+import tempfile
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from .allocate import Problem, column_errors, solve, uniform_fraction
@@ -30,6 +32,7 @@ from .learn import learn_allocation, resolve_cost
 from .rotation import block_size, pack_signs, random_signs, rotate_linear, signs_bytes
 from .rtn import quantize_weight_rtn
 from .tune import tune_grids
+from .spill import OnDisk, loaded
 from .usage import Usage
 
 
@@ -54,12 +57,14 @@ def held_out_ids(tokenizer, texts: list[str], n_samples: int, seq_len: int, seed
 
 
 def measure(model, linears: dict, ids: torch.Tensor, device, group_size: int, progress: bool,
-            tied: dict | None = None, grid: str = "mse", full_hessians: bool = True) -> dict:
+            tied: dict | None = None, grid: str = "mse", full_hessians: bool = True, scratch=None,
+            usage: Usage | None = None) -> tuple:
     """{name: {"h_diag": E[x_j^2], "err": column errors [in, 9], "h": E[x x^T]}} from the float model.
 
     "h" (full_hessians) lets the learning rounds score GPTQ-compensated errors. Decoder-block layers keep it in
     bfloat16 (the learning only compares allocations with it; the final quantization collects its own in float32),
-    one tensor for the layers that read the same input (q/k/v, gate/up).
+    one tensor for the layers that read the same input (q/k/v, gate/up), written to the folder `scratch` (xbit.spill)
+    when given, and read back when used. Returns the measurement and the last block's outputs.
 
     Layers outside the decoder blocks (regime a): the output head, and an input embedding tied to it, are measured
     on the head's input (the final norm of the last block's output; "h" keeps the full E[x x^T] for compensation).
@@ -79,8 +84,11 @@ def measure(model, linears: dict, ids: torch.Tensor, device, group_size: int, pr
                 out[name] = {"h_diag": diag.cpu(), "err": err.cpu()}
                 if full_hessians:
                     same = [s for f, s in kept if torch.equal(f, h)]
-                    out[name]["h"] = same[0] if same else h.to(torch.bfloat16).cpu()
+                    stored = h.to(torch.bfloat16).cpu()
+                    out[name]["h"] = same[0] if same else OnDisk.write(stored, scratch) if scratch else stored
                     kept += [] if same else [(h, out[name]["h"])]
+        if usage:
+            usage.note(f"measure block {index}")
 
     hidden = run_blocks(model, ids, device, record, progress=progress, diag_only=not full_hessians)
     outside = [n for n in linears if n not in out]
@@ -88,12 +96,15 @@ def measure(model, linears: dict, ids: torch.Tensor, device, group_size: int, pr
     for name in outside:
         w = linears[name].weight
         if isinstance(linears[name], nn.Embedding) and name not in heads_of:
-            ones = torch.ones(w.shape[1], device=w.device)
-            out[name] = {"h_diag": ones.cpu(), "err": column_errors(w, ones, group_size, grid).cpu()}
+            ones = torch.ones(w.shape[1], device=device)
+            out[name] = {"h_diag": ones.cpu(), "err": column_errors(w, ones, group_size, grid, device).cpu()}
         else:
             diag = h_head.diagonal().clone()
-            err = column_errors(w, diag, group_size, grid)
-            out[name] = {"h_diag": diag.cpu(), "h": h_head.cpu(), "err": err.cpu()}
+            err = column_errors(w, diag, group_size, grid, device)
+            out[name] = {"h_diag": diag.cpu(), "h": OnDisk.write(h_head, scratch) if scratch else h_head.cpu(),
+                         "err": err.cpu()}
+    if usage and outside:
+        usage.note("measure embedding and head")
     return out, hidden
 
 
@@ -106,15 +117,13 @@ def save_measurement(path, measurement: dict, group_size: int, setup: str):
                 continue
             if k == "h":
                 first[id(v)] = n
-            tensors[f"{n}.{k}"] = v.contiguous()
+            tensors[f"{n}.{k}"] = loaded(v).contiguous()
     save_file(tensors, str(path), metadata={"format": "pt", "group_size": str(group_size), "setup": setup,
                                             "h_alias": json.dumps(alias)})
 
 
 def load_measurement(path, linears: dict, group_size: int, setup: str) -> dict:
     """`setup` names the basis and grid the errors were measured with; they must be this run's."""
-    from safetensors import safe_open
-
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
     saved_gs, saved_setup = int(meta.get("group_size", -1)), meta.get("setup", "original basis, minmax grid")
@@ -123,15 +132,17 @@ def load_measurement(path, linears: dict, group_size: int, setup: str) -> dict:
     if saved_setup != setup:
         raise ValueError(f"measurement {path} was made with {saved_setup}, this run uses {setup} "
                          "(see --rotation-block and --grid)")
-    tensors = load_file(str(path))
     alias = json.loads(meta.get("h_alias", "{}"))
-    out = {}
-    for n, lin in linears.items():
-        if f"{n}.err" not in tensors or tensors[f"{n}.err"].shape[0] != lin.weight.shape[1]:
-            raise ValueError(f"measurement {path} does not match this model (layer {n})")
-        out[n] = {k: tensors[f"{n}.{k}"] for k in ("h_diag", "err", "h") if f"{n}.{k}" in tensors}
-        if n in alias:
-            out[n]["h"] = tensors[f"{alias[n]}.h"]
+    out, on_disk = {}, {}
+    with safe_open(str(path), "pt") as f:
+        keys = set(f.keys())
+        for n, lin in linears.items():
+            if f"{n}.err" not in keys or f.get_slice(f"{n}.err").get_shape()[0] != lin.weight.shape[1]:
+                raise ValueError(f"measurement {path} does not match this model (layer {n})")
+            out[n] = {k: f.get_tensor(f"{n}.{k}") for k in ("h_diag", "err") if f"{n}.{k}" in keys}
+            h = f"{alias.get(n, n)}.h"  # E[x x^T] stays in the file until a layer needs it
+            if h in keys:
+                out[n]["h"] = on_disk.setdefault(h, OnDisk(path, h))  # one object per input, as measured
     return out
 
 
@@ -179,7 +190,7 @@ def final_deltas(linears: dict, measurement: dict, group_size: int, damp: float,
         t = next((t for old, t in recent.get(name, []) if torch.equal(old, bits)), None)
         w, m = linears[name].weight, measurement[name]
         if t is None:
-            h = m.get("h") if compensate else None
+            h = loaded(m.get("h")) if compensate else None
             t = quantize_layer(w.to(device), None if h is None else h.to(device), bits, m["h_diag"], group_size,
                                damp, grid)
             t = {k: v.to(w.device) for k, v in t.items()}
@@ -228,7 +239,13 @@ def quantize_xbit(model, tokenizer, linears: dict, replace, budget: int, texts: 
     candidate). `settings`: xbit.settings.QuantizeSettings (its .xbit options: rotation, grid, allocation,
     compensation, tuning). `usage` (xbit.usage.Usage) times the phases. Returns the report extras, the task cost on
     the report tokens among them."""
-    usage = usage or Usage()
+    with tempfile.TemporaryDirectory(prefix="xbit-measure-") as scratch:  # E[x x^T] of every layer, on disk
+        return _quantize_xbit(model, tokenizer, linears, replace, budget, texts, device, settings, tied, progress,
+                              usage or Usage(), scratch)
+
+
+def _quantize_xbit(model, tokenizer, linears, replace, budget, texts, device, settings, tied, progress, usage,
+                   scratch):
     o = settings.xbit
     group_size, seed, damp, grid, compensate = settings.group_size, settings.seed, settings.damp, o.grid, o.compensate
     rotation_block, allocation = o.rotation_block, o.allocation
@@ -265,7 +282,7 @@ def quantize_xbit(model, tokenizer, linears: dict, replace, budget: int, texts: 
                                  "xbit or with --no-compensate); measure again")
         else:
             measurement, last_hidden = measure(model, linears, ids, device, group_size, progress, tied, grid,
-                                               full_hessians=compensate)
+                                               full_hessians=compensate, scratch=scratch, usage=usage)
         if o.save_measurement and world()[0] == 0:
             save_measurement(o.save_measurement, measurement, group_size, setup)
         # the float model's outputs that the learning, the tuning and the report aim at (no copy of the model)
@@ -303,10 +320,13 @@ def quantize_xbit(model, tokenizer, linears: dict, replace, budget: int, texts: 
             name = f"{prefix}.{index}.{local}"
             if name in linears:
                 quantize_one(name, h)
+        usage.note(f"quantize block {index}")
 
     with usage.phase("quantize"):
         for name in [n for n in linears if not n.startswith(prefix + ".")]:  # embeddings, head: from float stats
-            quantize_one(name, measurement[name].get("h"))
+            quantize_one(name, loaded(measurement[name].get("h")))
+        if len(linears) > sum(n.startswith(prefix + ".") for n in linears):
+            usage.note("quantize embedding and head")
         run_blocks(model, ids, device, quantize_block, progress=progress, diag_only=not compensate)
     if o.tune_epochs:
         with usage.phase("tune"):

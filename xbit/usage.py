@@ -24,10 +24,14 @@ def peak_device_bytes(device) -> int | None:
 
 
 class Usage:
-    """phase(name) times a phase (repeated names add up) and notes the peak RSS at its end."""
+    """phase(name) times a phase (repeated names add up) and notes the peak RSS at its end; note(label) records
+    the RSS now and the peak so far (after each block: how memory grows with depth)."""
 
     def __init__(self):
-        self.seconds, self.peak_rss_after = {}, {}
+        self.seconds, self.peak_rss_after, self.notes = {}, {}, []
+
+    def note(self, label: str):
+        self.notes.append({"at": label, "rss": host_rss_bytes(), "peak_rss": peak_host_rss_bytes()})
 
     @contextmanager
     def phase(self, name: str):
@@ -40,4 +44,5 @@ class Usage:
 
     def report(self, device) -> dict:
         return {"phase_seconds": dict(self.seconds), "peak_rss_after_phase": dict(self.peak_rss_after),
+                "rss_by_block": list(self.notes),
                 "peak_host_rss_bytes": peak_host_rss_bytes(), "peak_device_bytes": peak_device_bytes(device)}
