@@ -33,10 +33,14 @@ def load_texts(paths) -> list[str]:
     return texts
 
 
+LOGITS_BUDGET = 2**30  # bytes of logits per batch: a 150k vocabulary gets one window per batch, not 8 (7 GB)
+
+
 def perplexity_ids(model, ids, ctx: int = 512, bos_id: int | None = None,
                    max_tokens: int | None = None, batch_size: int = 8,
                    progress: bool = True) -> dict:
-    """Plain-protocol perplexity of a 1-D token stream `ids` (see module doc)."""
+    """Plain-protocol perplexity of a 1-D token stream `ids` (see module doc). `batch_size` windows per forward,
+    fewer where the logits would pass LOGITS_BUDGET (the sum is the same)."""
     if ctx < 2:
         raise ValueError(f"ctx must be at least 2, got {ctx}")
     ids = torch.as_tensor(ids, dtype=torch.long).flatten()
@@ -51,6 +55,9 @@ def perplexity_ids(model, ids, ctx: int = 512, bos_id: int | None = None,
         windows = torch.cat([torch.full((n_windows, 1), bos_id, dtype=torch.long), windows], dim=1)
 
     device = next(model.parameters()).device
+    vocab = getattr(model.config.get_text_config(), "vocab_size", 0) or 0
+    # logits, their float copy and log-softmax: about 12 bytes per window token and vocabulary entry
+    batch_size = max(1, min(batch_size, LOGITS_BUDGET // max(1, 12 * ctx * vocab)))
     was_training = model.training
     model.eval()
     total_nll = 0.0

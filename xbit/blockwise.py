@@ -74,7 +74,7 @@ def _move(block, device):
 def cost(model, ids: torch.Tensor, teacher: Teacher, cost_fn, device, batch_size: int = 4,
          backward: bool = True, on_block=None) -> float:
     """The average of cost_fn(logits, reference logits, ids) over the sequences of `ids` (the teacher's, in the
-    same order). With `backward`, its gradient accumulates into every leaf tensor requiring grad that the forward
+    same order), the cost called one sequence at a time ([1, T, vocab] logits). With `backward`, its gradient accumulates into every leaf tensor requiring grad that the forward
     uses (error gates, grid parameters). on_block(index, block) -> callable or None: called with the block on the
     device before it runs (both passes); what it returns is called when the block leaves (e.g. removing hooks)."""
     n, layers, head = ids.shape[0], decoder_layers(model), _head(model)
@@ -95,7 +95,8 @@ def cost(model, ids: torch.Tensor, teacher: Teacher, cost_fn, device, batch_size
 
     with torch.no_grad():
         for i in range(len(layers)):
-            saved.append(hidden)
+            if backward:
+                saved.append([h.cpu() for h in hidden])  # block inputs wait on the host
             hidden = visit(i, lambda block: [_block_output(block(h, **kw)) for h, kw in zip(hidden, kwargs[i])])
     norm, total, grads = final_norm(model).to(device), 0.0, []
     head_home = _move(head, device)
@@ -119,7 +120,7 @@ def cost(model, ids: torch.Tensor, teacher: Teacher, cost_fn, device, batch_size
 
     def back(block, i):
         for b, h in enumerate(saved[i]):
-            h = h.detach().requires_grad_(True)
+            h = h.to(device).requires_grad_(True)
             with torch.enable_grad():
                 torch.autograd.backward(_block_output(block(h, **kwargs[i][b])), grads[b])
             grads[b] = h.grad

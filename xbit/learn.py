@@ -33,7 +33,8 @@ def ce_cost(logits, ref_logits, ids):
 
 
 def resolve_cost(spec: str):
-    """'kl', 'ce' or 'module:function' (a callable (logits, ref_logits, ids) -> scalar, 0 when identical)."""
+    """'kl', 'ce' or 'module:function' (a callable (logits, ref_logits, ids) -> scalar, 0 when identical; called
+    with one sequence at a time, logits [1, T, vocab], and averaged over the sequences)."""
     if spec == "kl":
         return kl_cost
     if spec == "ce":

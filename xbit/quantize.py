@@ -263,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
     p.add_argument("--damp", type=float, default=0.01, help="gptq dampening, fraction of mean diag(H) (default 0.01)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cost", default="kl", help="xbit task cost: kl (default), ce, or module:function")
+    p.add_argument("--cost", default="kl", help="xbit task cost: kl (default), ce, or module:function (a callable "
+                   "(logits, ref_logits, ids) -> scalar, called per sequence)")
     p.add_argument("--cost-data", help="texts for --cost ce (file, folder or datasets:NAME)")
     p.add_argument("--allocation", default="learned", choices=ALLOCATIONS,
                    help="xbit: learned (default), proxy (no end-to-end learning) or uniform (ablation)")

@@ -43,10 +43,14 @@ class TunableGrid:
     def params(self) -> list[torch.Tensor]:
         return [self.log_scale, self.shift]
 
-    def weight(self) -> torch.Tensor:
-        """The dequantized table [out, in], original column order (0-bit columns are zero)."""
-        return dequantize_unpacked(self.codes, self.group, self.cols, self.scale0 * self.log_scale.exp(),
-                                   self.zero0 + self.shift, self.module.in_features)
+    def weight(self, device=None) -> torch.Tensor:
+        """The dequantized table [out, in], original column order (0-bit columns are zero), computed on `device`
+        (default: where the grid lives; the trained parameters stay there, their copies carry the gradient)."""
+        d = self.codes.device if device is None else device
+        scale = self.scale0.to(d) * self.log_scale.to(d).exp()
+        zero = self.zero0.to(d) + self.shift.to(d)
+        return dequantize_unpacked(self.codes.to(d), self.group.to(d), self.cols.to(d), scale, zero,
+                                   self.module.in_features)
 
     def write_back(self):
         with torch.no_grad():
@@ -54,15 +58,18 @@ class TunableGrid:
             self.module.zeros.copy_((self.zero0 + self.shift).half())
 
 
-def _weight(g: TunableGrid, signs: torch.Tensor | None = None, block: int = 0) -> torch.Tensor:
+def _weight(g: TunableGrid, device, signs: torch.Tensor | None = None, block: int = 0) -> torch.Tensor:
     """The layer's float weight in the original basis (a rotated layer's W R turned back into W, so that the
     layers reading one input share it instead of each keeping its own rotated copy for the backward pass)."""
-    return checkpoint(lambda: unrotate(g.weight(), signs, block) if block else g.weight(), use_reentrant=False)
+    def weight():
+        return unrotate(g.weight(device), signs.to(device), block) if block else g.weight(device)
+
+    return checkpoint(weight, use_reentrant=False)
 
 
 def _lookup(g: TunableGrid, ids: torch.Tensor) -> torch.Tensor:
     """An XbitEmbedding's lookup from its TunableGrid, scaled as the module scales it."""
-    rows = F.embedding(ids, _weight(g)).to(g.module.dtype_probe.dtype)
+    rows = F.embedding(ids, _weight(g, ids.device)).to(g.module.dtype_probe.dtype)
     return rows * torch.tensor(g.module.embed_scale, dtype=rows.dtype) if g.module.embed_scale != 1.0 else rows
 
 
@@ -78,14 +85,14 @@ def _differentiable_forwards(model, grids: dict):
             module.forward = lambda ids, g=g: _lookup(g, ids)
         elif isinstance(module, XbitTiedHead) and module.embedding in grids:
             g = grids[module.embedding]
-            module.forward = lambda x, g=g: F.linear(x, _weight(g).to(x.dtype))
+            module.forward = lambda x, g=g: F.linear(x, _weight(g, x.device).to(x.dtype))
         elif isinstance(module, XbitLinear) and module in grids:
             # the signs unpacked afresh: the module's cached copy may come from an inference_mode pass
             signs = unpack_signs(module.rot_signs, module.in_features) if module.rotation_block else None
 
             def forward(x, g=grids[module], m=module, signs=signs):
                 bias = m.bias.to(x.dtype) if m.bias is not None else None
-                return F.linear(x, _weight(g, signs, m.rotation_block).to(x.dtype), bias)
+                return F.linear(x, _weight(g, x.device, signs, m.rotation_block).to(x.dtype), bias)
             module.forward = forward
         else:
             continue

@@ -59,6 +59,21 @@ def test_matches_manual_loop(model, ids, bos_id, max_tokens):
     assert 30 < res["ppl"] < 400
 
 
+def test_large_vocabularies_get_smaller_batches_with_the_same_result(model, ids, monkeypatch):
+    """Windows per forward shrink to keep the logits under LOGITS_BUDGET; the sum over windows is unchanged."""
+    seen = []
+    hook = model.model.embed_tokens.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    res = perplexity_ids(model, ids, ctx=32, batch_size=4, progress=False)
+    assert max(seen) == 4
+    seen.clear()
+    monkeypatch.setattr(ppl_mod, "LOGITS_BUDGET", 12 * 32 * VOCAB * 2)  # two windows' logits
+    small = perplexity_ids(model, ids, ctx=32, batch_size=4, progress=False)
+    assert max(seen) == 2 and small["nll"] == pytest.approx(res["nll"], abs=1e-6)
+    hook.remove()
+    nll, _, _ = manual(model, ids, 32, None, None)
+    assert small["nll"] == pytest.approx(nll, abs=1e-5)
+
+
 class CharTokenizer:
     """Tokenizer stand-in: one id per character."""
     bos_token_id = 3

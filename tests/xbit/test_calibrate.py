@@ -1,5 +1,6 @@
 """Calibration statistics: block-by-block E[x x^T] equals the statistics of a plain forward pass."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -44,3 +45,33 @@ def test_block_statistics_and_head_statistics_match_a_plain_forward():
                batch_size=3, progress=False, diag_only=True)
     for name, h in diag.items():
         torch.testing.assert_close(h, want[name].diagonal(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["rtn", "xbit"])
+def test_dense_rerun_of_a_quantized_block_computes_what_its_kernels_compute(method):
+    """The calibration reruns each quantized block with its layers' dequantized weights (xbit's rotation
+    included); the outputs equal those of the modules' own kernels."""
+    import xbit
+    from xbit.calibrate import dense_xbit_layers
+    from xbit.modules import XbitLinear
+    from tests.tiny import WORDS, tiny_tokenizer
+
+    words = " ".join(WORDS[(7 * j) % len(WORDS)] for j in range(3000))
+    kw = dict(method="rtn", code_bits=3) if method == "rtn" else dict(
+        method="xbit", bits=3.5, calib=[words], calib_samples=4, seq_len=64, allocation="uniform", tune_epochs=0)
+    model, _, _ = xbit.quantize(tiny_llama(), tiny_tokenizer(), group_size=32, progress=False, **kw)
+    block = model.model.layers[1]
+    layers = [m for m in block.modules() if isinstance(m, XbitLinear)]
+    assert len(layers) == 7 and all(m.rotation_block > 0 for m in layers) == (method == "xbit")
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 40, model.config.hidden_size, generator=g)
+    pos = torch.arange(40)[None].expand(2, -1)
+    args = dict(position_embeddings=model.model.rotary_emb(x, pos), attention_mask=None)
+    out = lambda o: o[0] if isinstance(o, tuple) else o  # noqa: E731
+    with torch.no_grad():
+        kernels = out(block(x, **args))
+        with dense_xbit_layers(block):
+            dense = out(block(x, **args))
+        again = out(block(x, **args))
+    torch.testing.assert_close(dense, kernels, rtol=1e-4, atol=1e-4)
+    assert torch.equal(again, kernels)  # the kernels are back
