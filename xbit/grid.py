@@ -15,6 +15,7 @@ import torch
 
 GRIDS = ("mse", "minmax")
 CLIP_FACTORS = torch.linspace(1.0, 0.5, 21).tolist()
+MSE_ROWS_ELEMENTS = 1 << 17  # weights per mse fit (x 21 candidates): 2x faster on the CPU box than 4M at once
 
 
 def fit_grid(w: torch.Tensor, bits: int, grid: str = "minmax") -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,6 +25,9 @@ def fit_grid(w: torch.Tensor, bits: int, grid: str = "minmax") -> tuple[torch.Te
         return fit_minmax(w, bits)
     if grid != "mse":
         raise ValueError(f"unknown grid {grid!r}; available: {', '.join(GRIDS)}")
+    if w.numel() > MSE_ROWS_ELEMENTS and w.shape[0] > 1:  # rows are independent: fit cache-sized slices
+        parts = [fit_grid(rows, bits, grid) for rows in w.split(max(1, MSE_ROWS_ELEMENTS // w.shape[1]))]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     f = torch.tensor(CLIP_FACTORS, dtype=w.dtype, device=w.device)[:, None]  # [F, 1]
     lo, hi = w.min(dim=1).values * f, w.max(dim=1).values * f  # [F, out]: every candidate range at once
     scale, zero = fit_span(torch.stack([lo.flatten(), hi.flatten()], dim=1), bits)
