@@ -65,3 +65,14 @@ def test_minmax_is_the_published_gptq_grid(bits):
 def test_unknown_grid_is_refused():
     with pytest.raises(ValueError, match="unknown grid 'l1'"):
         fit_grid(torch.randn(4, 8), 3, "l1")
+
+
+def test_mse_fit_in_row_slices_equals_one_fit_of_all_rows(monkeypatch):
+    import xbit.grid as grid
+
+    w = torch.randn(1500, 128, generator=torch.Generator().manual_seed(4)) * torch.linspace(0.01, 1.0, 1500)[:, None]
+    sliced = fit_grid(w, 3, "mse")
+    monkeypatch.setattr(grid, "MSE_ROWS_ELEMENTS", w.numel())
+    whole = fit_grid(w, 3, "mse")
+    assert w.numel() > 1 << 17  # the default slices it
+    assert torch.equal(sliced[0], whole[0]) and torch.equal(sliced[1], whole[1])
