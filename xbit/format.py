@@ -120,9 +120,21 @@ def _stream_positions(bits: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     return pos // 32, pos % 32  # word index inside the block, bit offset inside that word
 
 
+ROW_SLICE_ELEMENTS = 1 << 24  # weights per slice of output rows: pack and dequantize hold int64 temporaries
+
+
+def _row_slices(out: int, cols: int) -> list[slice]:
+    step = max(1, ROW_SLICE_ELEMENTS // max(1, cols))
+    return [slice(r, min(r + step, out)) for r in range(0, out, step)]
+
+
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """codes: integer [out, cols] in 0..2^bits-1 -> int32 [ceil(cols/32)*bits, out]."""
+    """codes: integer [out, cols] in 0..2^bits-1 -> int32 [ceil(cols/32)*bits, out]. Rows are packed independently,
+    a slice of them at a time (a 128k-row head would need gigabytes of int64 temporaries at once)."""
     out, cols = codes.shape
+    slices = _row_slices(out, cols)
+    if len(slices) > 1:
+        return torch.cat([pack(codes[s], bits) for s in slices], dim=1)
     nblk = -(-cols // BLOCK)
     c = torch.zeros(out, nblk * BLOCK, dtype=torch.int64, device=codes.device)
     c[:, :cols] = codes.to(torch.int64)
@@ -158,14 +170,16 @@ def unpack(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
 
 
 def unpack_layer(qweight, perm, bits, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The stored codes of every column with bits > 0, in storage order: (codes int64 [out, n], the scales/zeros
+    """The stored codes of every column with bits > 0, in storage order: (codes uint8 [out, n], the scales/zeros
     row of each column [n], its original column index [n])."""
     perm = perm.long()
-    codes, group, cols = [qweight.new_zeros(qweight.shape[1], 0, dtype=torch.int64)], [], []
+    codes, group, cols = [qweight.new_zeros(qweight.shape[1], 0, dtype=torch.uint8)], [], []
     for seg in segments_of(bits, perm, group_size):
         if seg.bits == 0:
             continue
-        codes.append(unpack(qweight[seg.word_start : seg.word_start + seg.words()], seg.bits, seg.cols))
+        words = qweight[seg.word_start : seg.word_start + seg.words()]
+        codes.append(torch.cat([unpack(words[:, s], seg.bits, seg.cols).to(torch.uint8)  # int64 a slice at a time
+                                for s in _row_slices(words.shape[1], seg.cols)]))
         group.append(seg.group_start + torch.arange(seg.cols, device=perm.device) // group_size)
         cols.append(perm[seg.start : seg.start + seg.cols])
     empty = perm.new_zeros(0)
@@ -180,7 +194,15 @@ def dequantize_unpacked(codes, group, cols, scales, zeros, in_features: int) -> 
 
 
 def dequantize(qweight, scales, zeros, perm, bits, group_size: int, dtype=torch.float32) -> torch.Tensor:
-    """The reference: the float weight [out, in] in the original column order."""
+    """The reference: the float weight [out, in] in the original column order (computed a slice of output rows at a
+    time, each row independent of the others)."""
+    out, in_features = qweight.shape[1], bits.numel()
+    slices = _row_slices(out, in_features)
+    if len(slices) > 1:
+        w = torch.empty(out, in_features, dtype=dtype, device=qweight.device)
+        for s in slices:
+            w[s] = dequantize(qweight[:, s], scales[:, s], zeros[:, s], perm, bits, group_size, dtype)
+        return w
     codes, group, cols = unpack_layer(qweight, perm, bits, group_size)
     return dequantize_unpacked(codes, group, cols, scales, zeros, bits.numel()).to(dtype)
 

@@ -93,9 +93,11 @@ def quantize_weight_gptq(weight: torch.Tensor, h: torch.Tensor, bits: torch.Tens
             continue
         n_groups = seg.groups(group_size)
         s, z = torch.stack(scales[g : g + n_groups]), torch.stack(zeros[g : g + n_groups])
-        group = torch.arange(seg.cols, device=w.device) // group_size
-        # exact: every value is scale * (code - zero) with an integer code of at most 8 bits
-        seg_codes.append(torch.round(w[:, seg.start : seg.start + seg.cols] / s.t()[:, group] + z.t()[:, group]))
+        codes = w[:, seg.start : seg.start + seg.cols]
+        for k, c0 in enumerate(range(0, seg.cols, group_size)):  # in place, a group at a time
+            # exact: every value is scale * (code - zero) with an integer code of at most 8 bits
+            codes[:, c0 : c0 + group_size].div_(s[k][:, None]).add_(z[k][:, None]).round_()
+        seg_codes.append(codes)
         seg_scales.append(s)
         seg_zeros.append(z)
         g += n_groups

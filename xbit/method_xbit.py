@@ -195,7 +195,7 @@ def final_deltas(linears: dict, measurement: dict, group_size: int, damp: float,
                                damp, grid)
             t = {k: v.to(w.device) for k, v in t.items()}
             recent[name] = [(bits.clone(), t)] + recent.get(name, [])[:1]
-        return lambda: dequantize(t["qweight"], t["scales"], t["zeros"], t["perm"], t["bits"], group_size) - w.float()
+        return lambda: dequantize(t["qweight"], t["scales"], t["zeros"], t["perm"], t["bits"], group_size).sub_(w)
 
     return delta
 

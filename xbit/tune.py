@@ -34,8 +34,7 @@ class TunableGrid:
 
     def __init__(self, module: XbitLinear):
         self.module = module
-        codes, self.group, self.cols = unpack_layer(module.qweight, module.perm, module.bits, module.group_size)
-        self.codes = codes.to(torch.uint8)
+        self.codes, self.group, self.cols = unpack_layer(module.qweight, module.perm, module.bits, module.group_size)
         self.scale0, self.zero0 = module.scales.float(), module.zeros.float()
         self.log_scale = torch.zeros_like(self.scale0, requires_grad=True)
         self.shift = torch.zeros_like(self.zero0, requires_grad=True)

@@ -91,6 +91,22 @@ def test_reference_dequantize_matches_scalar_reading():
                        scalar_dequantize(t, gs))
 
 
+def test_big_tables_pack_and_dequantize_a_slice_of_rows_at_a_time(monkeypatch):
+    """Slicing the output rows (what a 128k-row head gets) changes no bit of the packed words or the weights."""
+    import xbit.format as fmt
+
+    w, bits, order, gs = mixed_layer(out=37, in_features=131, group_size=16)
+    t = quantize_weight_rtn(w, bits, order, gs)
+    whole = dequantize(t["qweight"], t["scales"], t["zeros"], t["perm"], t["bits"], gs)
+    codes = torch.randint(0, 8, (37, 131), generator=torch.Generator().manual_seed(1))
+    packed = pack(codes, 3)
+    monkeypatch.setattr(fmt, "ROW_SLICE_ELEMENTS", 131 * 5)  # 5 rows per slice, 8 slices
+    t2 = quantize_weight_rtn(w, bits, order, gs)
+    assert torch.equal(t2["qweight"], t["qweight"]) and torch.equal(pack(codes, 3), packed)
+    assert torch.equal(dequantize(t["qweight"], t["scales"], t["zeros"], t["perm"], t["bits"], gs), whole)
+    assert torch.equal(whole, scalar_dequantize(t, gs))
+
+
 def test_reference_matmul_equals_float_matmul_of_dequantized_weight():
     w, bits, order, gs = mixed_layer()
     t = quantize_weight_rtn(w, bits, order, gs)
