@@ -2,7 +2,7 @@
 intermediate 14336, 32 query and 8 key/value heads, vocabulary 128256, untied head), truncated to a few decoder
 blocks, quantized with the default xbit method on this machine.
 
-    python -m bench.scale --blocks 4 --calib-samples 8 --json /tmp/scale.json
+    python -m bench.scale --blocks 4 --calib-samples 8 --rounds 1 --tune-epochs 1 --json /tmp/scale.json
 
 Prints wall time per phase, the host RSS after every block of the measurement and of the final quantization and
 after the embedding/head work, and the peak; then projects the peak to the full 32 blocks (see docs/BENCHMARKS.md
