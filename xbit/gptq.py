@@ -19,20 +19,21 @@ def act_order(h: torch.Tensor) -> torch.Tensor:
 
 def inverse_hessian_chol(h: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + damp * mean(diag H) I)^-1, as GPTQ uses it."""
-    h = h.clone().double()
+    h = h.clone() if h.dtype == torch.float64 else h.double()
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
-    h += damp * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    h.diagonal().add_(damp * torch.diagonal(h).mean())  # (no n x n identity: 1.6 GB at n = 14336)
     for attempt in range(6):
         try:
             lower = torch.linalg.cholesky(h)
             break
         except torch.linalg.LinAlgError:  # not positive definite: damp harder
-            eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-            h += 10.0 ** (attempt - 3) * torch.diagonal(h).mean() * eye
+            h.diagonal().add_(10.0 ** (attempt - 3) * torch.diagonal(h).mean())
     else:
         raise ValueError("calibration Hessian is not positive definite even after damping")
+    del h
     hinv = torch.cholesky_inverse(lower)
+    del lower
     return torch.linalg.cholesky(hinv, upper=True).float()
 
 
