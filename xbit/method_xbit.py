@@ -11,7 +11,9 @@
 3. Quantize: block by block again, each layer with GPTQ-style compensation (xbit.gptq) at its per-column depths,
    low depths first so that finer columns absorb the coarse columns' error; or plain rounding (compensate=False).
 4. Tune (tune_epochs > 0): the codes fixed, every group's scale and zero trained end to end against the cost
-   (xbit.tune), aiming at a float copy of the model taken before the rotation.
+   (xbit.tune), aiming at the float model's outputs (xbit.blockwise.Teacher: its final hidden states, taken in the
+   measurement, and its head).
+Every phase keeps one decoder block on the compute device at a time; the measured E[x x^T] waits on disk.
 """
 
 import json
@@ -249,7 +251,7 @@ def _quantize_xbit(model, tokenizer, linears, replace, budget, texts, device, se
     o = settings.xbit
     group_size, seed, damp, grid, compensate = settings.group_size, settings.seed, settings.damp, o.grid, o.compensate
     rotation_block, allocation = o.rotation_block, o.allocation
-    with usage.phase("measure"):  # (the rotation and the teacher logits included)
+    with usage.phase("measure"):  # (the rotation and the teachers included)
         cost_fn = resolve_cost(o.cost) if isinstance(o.cost, str) else o.cost
         calib_texts, selection_texts, report_texts = split_held_out(texts)
         ids = calibration_ids(tokenizer, calib_texts, settings.calib_samples, settings.seq_len, seed)
