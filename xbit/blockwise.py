@@ -61,8 +61,14 @@ def final_hidden(model, ids: torch.Tensor, device, batch_size: int = 4) -> torch
         home = _move(block, device)
         hidden = [_block_output(block(h, **kw)) for h, kw in zip(hidden, kwargs[i])]
         block.to(home)
+    return normed(model, hidden, device)
+
+
+@torch.no_grad()
+def normed(model, hidden: list[torch.Tensor], device) -> torch.Tensor:
+    """The final norm of the last block's outputs (one tensor per batch) -> [n, T, H] float32 on the host."""
     norm = final_norm(model).to(device)
-    return torch.cat([norm(h).float().cpu() for h in hidden])
+    return torch.cat([norm(h.to(device)).float().cpu() for h in hidden])
 
 
 def _move(block, device):

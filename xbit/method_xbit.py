@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .allocate import Problem, column_errors, solve, uniform_fraction
-from .calibrate import calibration_ids, decoder_layers_path, final_norm, head_hessian, run_blocks, world
+from .calibrate import calibration_ids, decoder_layers_path, head_hessian, run_blocks, world
 from .format import dequantize
 from .gptq import quantize_weight_gptq
 from . import blockwise
@@ -292,12 +292,9 @@ def _quantize_xbit(model, tokenizer, linears, replace, budget, texts, device, se
         held_teacher = Teacher(model, held_ids, device) if allocation == "learned" or o.tune_epochs else None
         train_teacher = None
         if o.tune_epochs:
-            normed = None
-            if last_hidden is not None and world()[1] == 1:  # (a process measures only its share of them)
-                with torch.no_grad():
-                    norm = final_norm(model).to(device)
-                    normed = torch.cat([norm(h).float().cpu() for h in last_hidden])
-            train_teacher = Teacher(model, ids, device, normed=normed)
+            reuse = last_hidden is not None and world()[1] == 1  # (a process measures only its share of them)
+            train_teacher = Teacher(model, ids, device, normed=blockwise.normed(model, last_hidden, device)
+                                    if reuse else None)
         del last_hidden
     tied_heads = {emb: model.get_submodule(head) for head, emb in (tied or {}).items()}
     with usage.phase("learn"):
