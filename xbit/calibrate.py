@@ -177,11 +177,13 @@ def pool_experts(means: dict, tokens: dict) -> dict:
 
 @torch.no_grad()
 def run_blocks(model, ids: torch.Tensor, device, quantize_block, batch_size: int = 8, progress: bool = True,
-               diag_only: bool = False):
+               diag_only: bool = False, read_only: bool = False):
     """Calls quantize_block(index, block, {linear name: E[x x^T]}) for every decoder block in order.
 
-    `quantize_block` replaces the block's linears (in place); the block is then rerun to feed the next one.
-    Returns the hidden states leaving the last block (one tensor per calibration batch of this process).
+    `quantize_block` replaces the block's linears (in place); the block is then rerun to feed the next one. With
+    `read_only` (it only reads the statistics, as the measurement does) the outputs of the pass that collected them
+    feed the next block instead. Returns the hidden states leaving the last block (one tensor per calibration batch
+    of this process).
     """
     layers = decoder_layers(model)
     hidden, kwargs = block_inputs(model, _shard(ids), device, batch_size)  # this process's share of the batches
@@ -192,12 +194,17 @@ def run_blocks(model, ids: torch.Tensor, device, quantize_block, batch_size: int
         linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
         shared = {}
         hooks = {n: HessianHook(m, diag_only, shared) for n, m in linears.items()}
+        outputs = []
         for h, kw in zip(hidden, kwargs[i]):
-            block(h, **kw)
+            y = _block_output(block(h, **kw))
+            if read_only:
+                outputs.append(y)
         quantize_block(i, block, pool_experts({n: hook.mean() for n, hook in hooks.items()},
                                               {n: hook.total for n, hook in hooks.items()}))
-        with dense_xbit_layers(block):
-            hidden = [_block_output(block(h, **kw)) for h, kw in zip(hidden, kwargs[i])]
+        if not read_only:
+            with dense_xbit_layers(block):
+                outputs = [_block_output(block(h, **kw)) for h, kw in zip(hidden, kwargs[i])]
+        hidden = outputs
         block.to(home)
     return hidden
 

@@ -49,21 +49,26 @@ def resolve_cost(spec: str):
 
 
 class ErrorGates:
-    """Forward hooks adding t_l * (Q_l - W_l) x to each layer's output, with t a differentiable vector.
+    """Each layer computes with W + t_l * (Q_l - W_l), t a differentiable vector (one matmul, as the layer's own: an
+    added t_l * (Q_l - W_l) x doubled the forward and backward matmuls).
 
-    An embedding adds t_l * (Q_l - W_l)[ids]; a head tied to an embedding (`tied_heads`: embedding name -> head
-    module) shares that embedding's gate, since one table serves both. `scale_of(embedding)`: the factor the
-    embedding applies to its lookups (xbit.arch), which its error gets too."""
+    An embedding adds t_l * (Q_l - W_l)[ids] to its lookup (only the rows it reads); a head tied to an embedding
+    (`tied_heads`: embedding name -> head module) shares that embedding's gate, since one table serves both.
+    `scale_of(embedding)`: the factor the embedding applies to its lookups (xbit.arch), which its error gets too."""
 
     def __init__(self, linears: dict, deltas: dict, tied_heads: dict | None = None, scale_of=None):
         """deltas: name -> Q - W, or a function making it (called when the layer first runs; the result is kept
         until release(), so only the layers of the block on the device need theirs expanded)."""
         self.t = torch.ones(len(linears), requires_grad=True)
-        self.handles, self.deltas, self.ready = [], deltas, {}
+        self.handles, self.patched, self.deltas, self.ready = [], [], deltas, {}
         self.scale_of = scale_of or (lambda embedding: 1.0)
         for i, (name, module) in enumerate(linears.items()):
             for user in [module] + ([tied_heads[name]] if tied_heads and name in tied_heads else []):
-                self.handles.append(user.register_forward_hook(self._hook(i, name)))
+                if isinstance(user, nn.Embedding):
+                    self.handles.append(user.register_forward_hook(self._lookup_hook(i, name)))
+                else:
+                    user.forward = self._gated_linear(i, name, user)
+                    self.patched.append(user)
 
     def delta(self, name: str, device) -> torch.Tensor:
         if name not in self.ready:
@@ -76,19 +81,24 @@ class ErrorGates:
         for name in [n for n in self.ready if n.startswith(prefix)]:
             del self.ready[name]
 
-    def _hook(self, i, name):
+    def _lookup_hook(self, i, name):
         def hook(module, inputs, output):
             d = self.delta(name, output.device).to(output.dtype)
-            if isinstance(module, nn.Embedding):
-                err = F.embedding(inputs[0], d) * torch.tensor(self.scale_of(module), dtype=output.dtype)
-            else:
-                err = F.linear(inputs[0], d)
+            err = F.embedding(inputs[0], d) * torch.tensor(self.scale_of(module), dtype=output.dtype)
             return output + self.t[i].to(output.dtype) * err
         return hook
+
+    def _gated_linear(self, i, name, module):
+        def forward(x):
+            w = module.weight.to(x.dtype) + self.t[i].to(x.dtype) * self.delta(name, x.device).to(x.dtype)
+            return F.linear(x, w, None if module.bias is None else module.bias.to(x.dtype))
+        return forward
 
     def remove(self):
         for h in self.handles:
             h.remove()
+        for m in self.patched:
+            del m.forward
 
 
 def cost_and_gradient(model, linears, deltas, teacher, cost_fn, device, batch_size: int, tied_heads=None):

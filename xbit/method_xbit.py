@@ -92,7 +92,8 @@ def measure(model, linears: dict, ids: torch.Tensor, device, group_size: int, pr
         if usage:
             usage.note(f"measure block {index}")
 
-    hidden = run_blocks(model, ids, device, record, progress=progress, diag_only=not full_hessians)
+    hidden = run_blocks(model, ids, device, record, progress=progress, diag_only=not full_hessians,
+                        read_only=True)
     outside = [n for n in linears if n not in out]
     h_head = head_hessian(model, hidden, device) if outside else None
     for name in outside:

@@ -3,15 +3,17 @@ the task cost on text it never saw, and nothing but the scales and zeros changes
 
 import copy
 
+import pytest
 import torch
 
 import xbit
+from xbit import blockwise
 from xbit.format import assemble
 from xbit.learn import kl_cost
-from xbit.modules import XbitLinear
+from xbit.modules import XbitEmbedding, XbitLinear
 from xbit.quantize import match_size
 from xbit.blockwise import Teacher
-from xbit.tune import TunableGrid, _differentiable_forwards, tune_grids
+from xbit.tune import Tables, TunableGrid, _differentiable_forwards, tune_grids
 from tests.tiny import tiny_llama, tiny_tokenizer
 from tests.xbit.test_allocate import texts
 
@@ -78,7 +80,7 @@ def test_tuning_lowers_the_cost_on_unseen_text_and_changes_only_scales_and_zeros
         before = kl_cost(kernel_logits, ref_unseen, unseen).item()
     # the differentiable forwards (rotation folded back into the weights) compute the model's own function
     grids = {m: TunableGrid(m) for m in model.modules() if isinstance(m, XbitLinear)}
-    patched = _differentiable_forwards(model, grids)
+    patched = _differentiable_forwards(model, grids, Tables())
     with torch.no_grad():
         torch.testing.assert_close(model(unseen).logits, kernel_logits, rtol=1e-4, atol=1e-4)
     for m in patched:
@@ -110,3 +112,55 @@ def test_tuning_keeps_the_untuned_grids_when_no_epoch_helps():
     assert rep["tune_kept_epoch"] == 0  # a wild step only made it worse
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, stored[k], rtol=0, atol=0)
+
+
+def test_tuning_gradients_match_one_graph_with_the_tied_table_expanded_once_per_step():
+    """The blockwise chain with the embedding table as one leaf per step (Tables) gives every scale and zero the
+    gradient of one autograd graph over the whole model in which every lookup and head product dequantizes anew."""
+    tok = tiny_tokenizer()
+    model, _, _ = xbit.quantize(tiny_llama(), tok, method="xbit", bits=3.0, group_size=32, calib=texts(),
+                                calib_samples=4, seq_len=64, allocation="uniform", tune_epochs=0, progress=False)
+    assert any(isinstance(m, XbitEmbedding) for m in model.modules())  # the tied table is quantized and tuned
+    reference = tiny_llama()
+    ids = torch.randint(3, 128, (5, 32), generator=torch.Generator().manual_seed(8))
+    teacher = Teacher(reference, ids, "cpu", batch_size=2)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    grids = {m: TunableGrid(m) for m in model.modules() if isinstance(m, XbitLinear)}
+    with torch.no_grad():  # away from the quantized grids, so that no gradient is zero by symmetry
+        for g in grids.values():
+            for p in g.params():
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(p.numel()))
+
+    class EveryUse(Tables):
+        def get(self, g, device):
+            return g.weight(device)
+
+    def grads(tables, run):
+        patched = _differentiable_forwards(model, grids, tables)
+        try:
+            total = run()
+            tables.backward()
+        finally:
+            for m in patched:
+                del m.forward
+        out = [p.grad.clone() for g in grids.values() for p in g.params()]
+        for g in grids.values():
+            for p in g.params():
+                p.grad = None
+        return total, out
+
+    def one_graph():
+        with torch.enable_grad():
+            logits = model(ids, use_cache=False).logits
+            loss = sum(kl_cost(logits[i : i + 1], teacher.logits(model, i, "cpu"), ids[i : i + 1])
+                       for i in range(ids.shape[0])) / ids.shape[0]
+            loss.backward()
+        return loss.item()
+
+    want_cost, want = grads(EveryUse(), one_graph)
+    got_cost, got = grads(Tables(), lambda: blockwise.cost(model, ids, teacher, kl_cost, "cpu", batch_size=2))
+    assert want_cost > 1e-3 and got_cost == pytest.approx(want_cost, rel=1e-4)
+    assert sum(w.abs().sum() > 0 for w in want) == len(want)
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w, rtol=2e-3, atol=1e-4 * w.abs().max().item())
