@@ -204,6 +204,8 @@ def run_cell(ref_model, tok, method: str, target: str, target_bytes: int | None,
         cell["learning"] = {k: report[k] for k in ("min_bits", "rounds", "best_cost", "tune_costs", "tune_kept_epoch")
                             if k in report}
         cell["quantize_seconds"] = round(time.time() - t0, 2)
+        # the process's peak so far: run one cell per process (--methods M --targets T) for a cell's own figure
+        cell.update({k: report.get(k) for k in ("phase_seconds", "peak_host_rss_bytes", "peak_device_bytes")})
         cell["layers"] = {n: {"counts": v["counts"], "bytes": v["bytes"], "out_features": v["out"]}
                           for n, v in report["layers"].items()}
     cell["ppl"], cell["tasks"] = _evaluate(model, tok, args, texts)
@@ -233,6 +235,7 @@ def markdown_table(cells: list[dict], texts: list[str]) -> str:
     tcols = _task_columns(cells)
     head = ["method", "target", "bytes", "bits/w total", "bits/w linears", "code"]
     head += [f"ppl {t}" for t in texts] + [f"{t.removeprefix('xbit_')} {m}" for t, m in tcols]
+    head += ["quantize s", "peak RSS GiB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in cells:
         row = [c["method"], c.get("target") or "-"]
@@ -244,6 +247,8 @@ def markdown_table(cells: list[dict], texts: list[str]) -> str:
                     _fmt(c.get("bits_per_weight_layers")), f"{c['code_bits']}-bit" if c.get("code_bits") else "-"]
             row += [_fmt(c["ppl"][t]["ppl"]) if t in c.get("ppl", {}) else "" for t in texts]
             row += [_fmt((c.get("tasks") or {}).get(t, {}).get(m), 2 if m == "perplexity" else 3) for t, m in tcols]
+            rss = c.get("peak_host_rss_bytes")
+            row += [_fmt(c.get("quantize_seconds"), 0), _fmt(rss / 2**30 if rss else None, 2)]
         lines.append("| " + " | ".join(str(x) for x in row) + " |")
     return "\n".join(lines)
 

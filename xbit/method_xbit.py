@@ -294,8 +294,9 @@ def _quantize_xbit(model, tokenizer, linears, replace, budget, texts, device, se
         train_teacher = None
         if o.tune_epochs:
             reuse = last_hidden is not None and world()[1] == 1  # (a process measures only its share of them)
-            train_teacher = Teacher(model, ids, device, normed=blockwise.normed(model, last_hidden, device)
-                                    if reuse else None)
+            n = min(o.tune_samples, ids.shape[0])
+            train_teacher = Teacher(model, ids[:n], device, normed=blockwise.normed(model, last_hidden, device)[:n]
+                                    .clone() if reuse else None)
         del last_hidden
     tied_heads = {emb: model.get_submodule(head) for head, emb in (tied or {}).items()}
     with usage.phase("learn"):

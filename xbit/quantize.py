@@ -31,7 +31,7 @@ from .rtn import quantize_weight_rtn
 from .settings import ALLOCATIONS, METHODS, QuantizeSettings, UsageError, XbitOptions, parse_match
 from .sizes import (float_component_bytes, float_linear_bytes, gptq_checkpoint_bytes, parse_size,
                     plan_bytes, planned_header_bytes, uniform_counts)
-from .tune import DEFAULT_TUNE_EPOCHS, TUNE_LR
+from .tune import DEFAULT_TUNE_EPOCHS, DEFAULT_TUNE_SAMPLES, TUNE_LR
 from .usage import Usage
 
 FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -93,9 +93,9 @@ def quantize_model(model, tokenizer=None, calib: list[str] | None = None, device
     table). xbit stores the decoder-block linears in a random-sign block Hadamard basis with blocks of up to
     `rotation_block` input features (0: no rotation; see xbit.rotation), and fits each group's grid by `grid`
     ("mse" or "minmax"; the rtn and gptq baselines always use minmax, the published GPTQ grid). xbit then trains
-    the grids (scales and zeros) end to end against the cost for `tune_epochs` passes over the calibration
-    tokens (xbit.tune; 0: no tuning). Every target is verified on the result. `usage` (xbit.usage.Usage) times the
-    phases; the report gets its wall times and peak memory.
+    the grids (scales and zeros) end to end against the cost for up to `tune_epochs` passes over the
+    first `tune_samples` calibration sequences (xbit.tune; 0 epochs: no tuning). Every target is verified on the
+    result. `usage` (xbit.usage.Usage) times the phases; the report gets its wall times and peak memory.
     """
     usage = usage or Usage()
     s = settings or QuantizeSettings.from_kwargs(**options)
@@ -288,9 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "default) or use the published GPTQ grid of the rtn and gptq baselines (minmax: the range "
                         "with 0 in it, an integer zero point)")
     p.add_argument("--tune-epochs", type=int, default=DEFAULT_TUNE_EPOCHS,
-                   help="xbit: passes over the calibration tokens training the scales and zeros end to end against "
-                        f"the cost, codes fixed (default {DEFAULT_TUNE_EPOCHS}; 0: off)")
+                   help="xbit: passes over --tune-samples calibration sequences training the scales and zeros end to "
+                        f"end against the cost, codes fixed; stops at an epoch that does not help (default "
+                        f"{DEFAULT_TUNE_EPOCHS}; 0: off)")
     p.add_argument("--tune-lr", type=float, default=TUNE_LR, help=f"xbit: Adam step of that tuning (default {TUNE_LR})")
+    p.add_argument("--tune-samples", type=int, default=DEFAULT_TUNE_SAMPLES,
+                   help=f"xbit: calibration sequences the tuning trains on (default {DEFAULT_TUNE_SAMPLES}, or all "
+                        "there are if fewer)")
     p.add_argument("--save-measurement", help="xbit: save calibration statistics and column errors (safetensors)")
     p.add_argument("--load-measurement", help="xbit: reuse a saved measurement (same model and group size)")
     p.add_argument("--out", help="output checkpoint folder (omit to only report)")
@@ -361,6 +365,7 @@ def settings_from_args(args, size: int | None) -> QuantizeSettings:
                                compensate=not args.no_compensate, importance=args.importance, min_bits=args.min_bits,
                                quantize_embeddings=not args.float_embeddings, rotation_block=args.rotation_block,
                                grid=args.grid, tune_epochs=args.tune_epochs, tune_lr=args.tune_lr,
+                               tune_samples=args.tune_samples,
                                save_measurement=args.save_measurement, load_measurement=args.load_measurement)
     return QuantizeSettings(method=args.method, bits=args.bits, size=size, code_bits=args.code_bits, match=args.match,
                             group_size=args.group_size,

@@ -30,6 +30,9 @@ from .rotation import unpack_signs, unrotate
 
 TUNE_LR = 3e-3  # Adam on log-scale and zero shift
 DEFAULT_TUNE_EPOCHS = 2  # SmolLM2 at the GPTQ 3-bit size: held-out KL 0.292 -> 0.231 -> 0.223 (docs/BENCHMARKS.md)
+# calibration sequences the tuning trains on (the first ones; they are random windows): its time stays that of 32
+# sequences when the calibration (GPTQ's statistics) takes 128
+DEFAULT_TUNE_SAMPLES = 32
 
 
 class TunableGrid:
