@@ -81,8 +81,9 @@ def cost(model, ids: torch.Tensor, teacher: Teacher, cost_fn, device, batch_size
          backward: bool = True, on_block=None) -> float:
     """The average of cost_fn(logits, reference logits, ids) over the sequences of `ids` (the teacher's, in the
     same order), the cost called one sequence at a time ([1, T, vocab] logits). With `backward`, its gradient
-    accumulates into every leaf tensor requiring grad that the forward uses (error gates, grid parameters). on_block(index, block) -> callable or None: called with the block on the
-    device before it runs (both passes); what it returns is called when the block leaves (e.g. removing hooks)."""
+    accumulates into every leaf tensor requiring grad that the forward uses (error gates, grid parameters).
+    on_block(index, block) -> callable or None: called with the block on the device before it runs (both passes);
+    what it returns is called when the block leaves (e.g. removing hooks)."""
     n, layers, head = ids.shape[0], decoder_layers(model), _head(model)
     with torch.set_grad_enabled(backward):  # (an embedding with a gate or trained grid joins the graph here)
         first, kwargs = block_inputs(model, ids, device, batch_size)

@@ -121,8 +121,9 @@ def learn_allocation(model, problem, solve, budget, linears, teacher, cost_fn, d
 
     delta_fn(name, bits) -> Q - W of that layer as the final quantizer makes it (with error compensation, when
     the run compensates: the cost must score the errors the checkpoint will have), or a function making it.
-    `start`: an allocation scored in round 0 instead of the solve (xbit passes the uniform one, so the result is never worse than uniform on the
-    held-out cost, and the first gradient is taken where the quantizer behaves as measured).
+    `start`: an allocation scored in round 0 instead of the solve (xbit passes the uniform one, so the result is
+    never worse than uniform on the held-out cost, and the first gradient is taken where the quantizer behaves as
+    measured).
 
     Every later round re-solves with the sensitivities measured at the best allocation so far, anchored to it:
     each byte moved is charged `fee` times the byte price (Problem.price; `fee` is the first learned round's, 0

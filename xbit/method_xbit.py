@@ -294,7 +294,7 @@ def _quantize_xbit(model, tokenizer, linears, replace, budget, texts, device, se
         train_teacher = None
         if o.tune_epochs:
             reuse = last_hidden is not None and world()[1] == 1  # (a process measures only its share of them)
-            n = min(o.tune_samples, ids.shape[0])
+            n = ids.shape[0] if o.tune_samples is None else min(o.tune_samples, ids.shape[0])
             train_teacher = Teacher(model, ids[:n], device, normed=blockwise.normed(model, last_hidden, device)[:n]
                                     .clone() if reuse else None)
         del last_hidden

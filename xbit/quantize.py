@@ -94,7 +94,7 @@ def quantize_model(model, tokenizer=None, calib: list[str] | None = None, device
     `rotation_block` input features (0: no rotation; see xbit.rotation), and fits each group's grid by `grid`
     ("mse" or "minmax"; the rtn and gptq baselines always use minmax, the published GPTQ grid). xbit then trains
     the grids (scales and zeros) end to end against the cost for up to `tune_epochs` passes over the
-    first `tune_samples` calibration sequences (xbit.tune; 0 epochs: no tuning). Every target is verified on the
+    calibration sequences (the first `tune_samples` if set; xbit.tune; 0 epochs: no tuning). Every target is verified on the
     result. `usage` (xbit.usage.Usage) times the phases; the report gets its wall times and peak memory.
     """
     usage = usage or Usage()
@@ -288,13 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "default) or use the published GPTQ grid of the rtn and gptq baselines (minmax: the range "
                         "with 0 in it, an integer zero point)")
     p.add_argument("--tune-epochs", type=int, default=DEFAULT_TUNE_EPOCHS,
-                   help="xbit: passes over --tune-samples calibration sequences training the scales and zeros end to "
+                   help="xbit: passes over the calibration sequences training the scales and zeros end to "
                         f"end against the cost, codes fixed; stops at an epoch that does not help (default "
                         f"{DEFAULT_TUNE_EPOCHS}; 0: off)")
     p.add_argument("--tune-lr", type=float, default=TUNE_LR, help=f"xbit: Adam step of that tuning (default {TUNE_LR})")
     p.add_argument("--tune-samples", type=int, default=DEFAULT_TUNE_SAMPLES,
-                   help=f"xbit: calibration sequences the tuning trains on (default {DEFAULT_TUNE_SAMPLES}, or all "
-                        "there are if fewer)")
+                   help="xbit: train the tuning on only the first N calibration sequences (default: all of them; 32 of "
+                        "128 tunes ~3x faster at ~2%% higher perplexity)")
     p.add_argument("--save-measurement", help="xbit: save calibration statistics and column errors (safetensors)")
     p.add_argument("--load-measurement", help="xbit: reuse a saved measurement (same model and group size)")
     p.add_argument("--out", help="output checkpoint folder (omit to only report)")

@@ -44,7 +44,7 @@ class XbitOptions:
     grid: str = "mse"
     tune_epochs: int = DEFAULT_TUNE_EPOCHS
     tune_lr: float = TUNE_LR
-    tune_samples: int = DEFAULT_TUNE_SAMPLES
+    tune_samples: int | None = DEFAULT_TUNE_SAMPLES  # None: every calibration sequence
     save_measurement: str | None = None
     load_measurement: str | None = None
 
@@ -53,7 +53,7 @@ class XbitOptions:
                                                f"{', '.join(ALLOCATIONS)}")
         _check(self.rounds >= 1, "--rounds must be >= 1")
         _check(self.tune_epochs >= 0 and self.tune_lr > 0, "--tune-epochs must be >= 0 and --tune-lr positive")
-        _check(self.tune_samples >= 1, "--tune-samples must be >= 1")
+        _check(self.tune_samples is None or self.tune_samples >= 1, "--tune-samples must be >= 1")
         _check(self.min_bits is None or 0 <= self.min_bits <= MAX_BITS, f"--min-bits must be 0..{MAX_BITS}")
         _check(self.rotation_block >= 0 and not self.rotation_block & (self.rotation_block - 1),
                f"--rotation-block must be 0 or a power of two, got {self.rotation_block}")

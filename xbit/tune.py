@@ -30,9 +30,10 @@ from .rotation import unpack_signs, unrotate
 
 TUNE_LR = 3e-3  # Adam on log-scale and zero shift
 DEFAULT_TUNE_EPOCHS = 2  # SmolLM2 at the GPTQ 3-bit size: held-out KL 0.292 -> 0.231 -> 0.223 (docs/BENCHMARKS.md)
-# calibration sequences the tuning trains on (the first ones; they are random windows): its time stays that of 32
-# sequences when the calibration (GPTQ's statistics) takes 128
-DEFAULT_TUNE_SAMPLES = 32
+# calibration sequences the tuning trains on (the first ones; they are random windows); None: all of them. At 128
+# sequences, SmolLM2 regime (b) at gptq:3: 32 of them tune in 337 s instead of 947 s, at +2.5% / +1.3% perplexity
+# (docs/BENCHMARKS.md), so the subset is an option (--tune-samples 32), not the default
+DEFAULT_TUNE_SAMPLES = None
 
 
 class TunableGrid:
@@ -89,6 +90,9 @@ class Tables:
             if w.grad is not None:
                 with torch.enable_grad():
                     torch.autograd.backward(g.weight(w.device), w.grad)
+        self.forget()
+
+    def forget(self):
         self.expanded.clear()
 
 
@@ -139,7 +143,7 @@ def tune_grids(model, train: Teacher, held: Teacher, cost_fn, device, epochs: in
         def held_out_cost():
             with torch.no_grad():
                 c = blockwise.cost(model, held.ids, held, cost_fn, device, batch_size, backward=False)
-            tables.backward()
+            tables.forget()
             return c
 
         costs = [held_out_cost()]
