@@ -101,6 +101,7 @@ def perplexities(model, tok, texts, ctx, max_tokens):
 
 def run_cell(impl, bits, args, calib):
     model, tok, _ = _load_model(None, "cpu")
+    model.float()  # both implementations start from the same float32 weights
     t0, c0 = time.time(), time.process_time()  # CPU time too: this machine is shared, wall time is noisy
     extra = {}
     if impl == "ours":

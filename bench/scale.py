@@ -24,7 +24,12 @@ def llama3_8b_shapes(blocks: int):
                          num_hidden_layers=blocks, vocab_size=128256, max_position_embeddings=8192,
                          rope_theta=500000.0, tie_word_embeddings=False, torch_dtype="bfloat16")
     torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # built as a bf16 checkpoint loads: no float32 copy on the way
+    try:
+        return LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(default)
 
 
 def main(argv=None):
@@ -47,6 +52,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     model = llama3_8b_shapes(args.blocks)
     params = sum(p.numel() for p in model.parameters())
+    in_blocks = sum(p.numel() for p in model.model.layers.parameters())
     built = time.perf_counter() - t0
     calib = [p.read_text(encoding="utf-8") for p in text_files("sotu-calib")]
     tok = AutoTokenizer.from_pretrained(model_dir("smollm2"))  # real text ids (all below 49152)
@@ -55,7 +61,8 @@ def main(argv=None):
                                  tune_epochs=args.tune_epochs)
     gib = 2**30
     print(f"model: Llama-3-8B shapes, {args.blocks} blocks, {params / 1e9:.3f} B parameters "
-          f"({2 * params / gib:.2f} GiB in bfloat16, {4 * params / gib:.2f} GiB as held, float32); built in "
+          f"({2 * params / gib:.2f} GiB in bfloat16; held as {(2 * in_blocks + 4 * (params - in_blocks)) / gib:.2f} GiB: "
+          f"blocks bfloat16, embedding and head float32); built in "
           f"{built:.0f} s")
     print("wall time by phase: " + ", ".join(f"{k} {v:.0f} s" for k, v in report["phase_seconds"].items()))
     for n in report["rss_by_block"]:
@@ -66,7 +73,7 @@ def main(argv=None):
         keep = ("phase_seconds", "peak_rss_after_phase", "rss_by_block", "peak_host_rss_bytes", "peak_device_bytes",
                 "file_bytes", "bits_per_weight_layers", "rounds", "tune_costs", "report_cost")
         with open(args.json, "w") as f:
-            json.dump({"params": params, "blocks": args.blocks, **{k: report.get(k) for k in keep}}, f, indent=1)
+            json.dump({"params": params, "params_in_blocks": in_blocks, "blocks": args.blocks, **{k: report.get(k) for k in keep}}, f, indent=1)
 
 
 if __name__ == "__main__":

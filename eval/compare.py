@@ -176,6 +176,7 @@ def _reloaded(model, tok, qconfig, report):
 def run_cell(ref_model, tok, method: str, target: str, target_bytes: int | None, args, texts) -> dict:
     """Quantize a copy of the reference (unless method == "reference") and evaluate it."""
     import xbit
+    from xbit.calibrate import on_device
     from xbit.sizes import float_component_bytes
 
     key = "reference" if method == "reference" else f"{method}@{target}"
@@ -209,7 +210,11 @@ def run_cell(ref_model, tok, method: str, target: str, target_bytes: int | None,
         cell.update({k: report.get(k) for k in ("phase_seconds", "peak_host_rss_bytes", "peak_device_bytes")})
         cell["layers"] = {n: {"counts": v["counts"], "bytes": v["bytes"], "out_features": v["out"]}
                           for n, v in report["layers"].items()}
-    cell["ppl"], cell["tasks"] = _evaluate(model, tok, args, texts)
+    if method == "reference":  # computed in float32, as every phase of the quantizers computes
+        with on_device(model, next(model.parameters()).device):
+            cell["ppl"], cell["tasks"] = _evaluate(model, tok, args, texts)
+    else:
+        cell["ppl"], cell["tasks"] = _evaluate(model, tok, args, texts)
     cell["seconds"] = round(time.time() - t0, 2)
     cell["status"] = "ok"
     return cell
@@ -275,7 +280,7 @@ def _load_reference(spec: str):
 
         path = str(model_dir(spec))
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto").eval()  # as xbit.quantize's CLI loads it
     return model, tok, path
 
 

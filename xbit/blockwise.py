@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .arch import adapter_for, logit_softcapping
-from .calibrate import _block_output, block_inputs, decoder_layers, final_norm
+from .calibrate import _block_output, block_inputs, decoder_layers, final_norm, on_device
 
 
 def _head(model):
@@ -58,23 +58,16 @@ def final_hidden(model, ids: torch.Tensor, device, batch_size: int = 4) -> torch
     """The final norm's output [n, T, H] on ids (float32, host), one block on the device at a time."""
     hidden, kwargs = block_inputs(model, ids, device, batch_size)
     for i, block in enumerate(decoder_layers(model)):
-        home = _move(block, device)
-        hidden = [_block_output(block(h, **kw)) for h, kw in zip(hidden, kwargs[i])]
-        block.to(home)
+        with on_device(block, device):
+            hidden = [_block_output(block(h, **kw)) for h, kw in zip(hidden, kwargs[i])]
     return normed(model, hidden, device)
 
 
 @torch.no_grad()
 def normed(model, hidden: list[torch.Tensor], device) -> torch.Tensor:
     """The final norm of the last block's outputs (one tensor per batch) -> [n, T, H] float32 on the host."""
-    norm = final_norm(model).to(device)
-    return torch.cat([norm(h.to(device)).float().cpu() for h in hidden])
-
-
-def _move(block, device):
-    home = next(block.parameters(), next(block.buffers(), torch.empty(0))).device
-    block.to(device)
-    return home
+    with on_device(final_norm(model), device) as norm:
+        return torch.cat([norm(h.to(device)).float().cpu() for h in hidden])
 
 
 def cost(model, ids: torch.Tensor, teacher: Teacher, cost_fn, device, batch_size: int = 4,
@@ -90,24 +83,21 @@ def cost(model, ids: torch.Tensor, teacher: Teacher, cost_fn, device, batch_size
     saved, hidden = [], [h.detach() for h in first]
 
     def visit(i, fn):
-        block = layers[i]
-        home = _move(block, device)
-        done = on_block(i, block) if on_block else None
-        try:
-            return fn(block)
-        finally:
-            if done:
-                done()
-            block.to(home)
+        with on_device(layers[i], device) as block:
+            done = on_block(i, block) if on_block else None
+            try:
+                return fn(block)
+            finally:
+                if done:
+                    done()
 
     with torch.no_grad():
         for i in range(len(layers)):
             if backward:
                 saved.append([h.cpu() for h in hidden])  # block inputs wait on the host
             hidden = visit(i, lambda block: [_block_output(block(h, **kw)) for h, kw in zip(hidden, kwargs[i])])
-    norm, total, grads = final_norm(model).to(device), 0.0, []
-    head_home = _move(head, device)
-    try:
+    total, grads = 0.0, []
+    with on_device(final_norm(model), device) as norm, on_device(head, device):
         for b, h in enumerate(hidden):
             h = h.detach().requires_grad_(backward)
             for s in range(h.shape[0]):  # one sequence's logits at a time
@@ -120,8 +110,6 @@ def cost(model, ids: torch.Tensor, teacher: Teacher, cost_fn, device, batch_size
                     c.backward()
                 total += c.item()
             grads.append(h.grad)
-    finally:
-        head.to(head_home)
     if not backward:
         return total
 

@@ -1,7 +1,7 @@
 """Calibration: real text through the model one decoder block at a time, collecting E[x x^T] per linear input.
 
-Only one decoder block sits on the compute device at a time; the rest of the model stays where it was loaded
-(CPU, or offloaded by accelerate). Each block's outputs, computed with the block already quantized, become the
+Only one decoder block sits on the compute device at a time, computing in float32 (`on_device`); the rest of the
+model stays where it was loaded (CPU, or offloaded by accelerate), the blocks in their stored dtype. Each block's outputs, computed with the block already quantized, become the
 next block's inputs, as in GPTQ.
 """
 
@@ -90,6 +90,38 @@ class _Recorder(nn.Module):
         if self.last:
             raise _Stop
         return hidden
+
+
+COMPUTE_DTYPE = torch.float32  # every phase computes in float32, whatever the model's stored dtype
+
+
+def float_outside_blocks(model):
+    """Every parameter outside the decoder blocks in float32 (embedding lookups, column errors, the teacher's head
+    and logits at full precision; small next to the blocks). The blocks keep the dtype they were loaded in (bf16 or
+    fp16 checkpoints stay half the host memory of float32) and compute in float32 one at a time (on_device)."""
+    inside = {id(p) for p in decoder_layers(model).parameters()}
+    for p in model.parameters():
+        if id(p) not in inside and p.is_floating_point():
+            p.data = p.data.to(COMPUTE_DTYPE)
+
+
+@contextmanager
+def on_device(module: nn.Module, device, dtype: torch.dtype | None = COMPUTE_DTYPE):
+    """The module on the compute device with its floating-point parameters in `dtype` (None: as stored), while
+    inside. On leaving, each parameter goes back to its device in its stored dtype (exact: a bf16 value round-trips
+    through float32), and what was added meanwhile (quantized layers) goes to the module's home device as it is."""
+    stored = {id(p): (p.device, p.dtype) for p in module.parameters()}
+    home = next(module.parameters(), next(module.buffers(), torch.empty(0))).device
+    for p in module.parameters():
+        p.data = p.data.to(device, dtype if dtype and p.is_floating_point() else p.dtype)
+    module.to(device)  # (buffers)
+    try:
+        yield module
+    finally:
+        for p in module.parameters():
+            if id(p) in stored:
+                p.data = p.data.to(*stored[id(p)])
+        module.to(home)
 
 
 def block_inputs(model, ids: torch.Tensor, device, batch_size: int = 8):
@@ -189,23 +221,21 @@ def run_blocks(model, ids: torch.Tensor, device, quantize_block, batch_size: int
     hidden, kwargs = block_inputs(model, _shard(ids), device, batch_size)  # this process's share of the batches
     for i in tqdm(range(len(layers)), desc="blocks", disable=not progress or world()[0] != 0):
         block = layers[i]
-        home = next(block.parameters()).device
-        block.to(device)
-        linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
-        shared = {}
-        hooks = {n: HessianHook(m, diag_only, shared) for n, m in linears.items()}
-        outputs = []
-        for h, kw in zip(hidden, kwargs[i]):
-            y = _block_output(block(h, **kw))
-            if read_only:
-                outputs.append(y)
-        quantize_block(i, block, pool_experts({n: hook.mean() for n, hook in hooks.items()},
-                                              {n: hook.total for n, hook in hooks.items()}))
-        if not read_only:
-            with dense_xbit_layers(block):
-                outputs = [_block_output(block(h, **kw)) for h, kw in zip(hidden, kwargs[i])]
-        hidden = outputs
-        block.to(home)
+        with on_device(block, device):
+            linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+            shared = {}
+            hooks = {n: HessianHook(m, diag_only, shared) for n, m in linears.items()}
+            outputs = []
+            for h, kw in zip(hidden, kwargs[i]):
+                y = _block_output(block(h, **kw))
+                if read_only:
+                    outputs.append(y)
+            quantize_block(i, block, pool_experts({n: hook.mean() for n, hook in hooks.items()},
+                                                  {n: hook.total for n, hook in hooks.items()}))
+            if not read_only:
+                with dense_xbit_layers(block):
+                    outputs = [_block_output(block(h, **kw)) for h, kw in zip(hidden, kwargs[i])]
+            hidden = outputs
     return hidden
 
 
@@ -244,15 +274,12 @@ def final_norm(model) -> nn.Module:
 @torch.no_grad()
 def head_hessian(model, hidden: list[torch.Tensor], device) -> torch.Tensor:
     """E[x x^T] of the output head's input: the final norm of the hidden states that run_blocks returned."""
-    norm = final_norm(model)
-    home = next(norm.parameters(), torch.empty(0)).device
-    norm.to(device)
     h, tokens = 0.0, 0
-    for x in hidden:
-        y = norm(x.to(device)).reshape(-1, x.shape[-1]).float()
-        h = h + y.t() @ y
-        tokens += y.shape[0]
-    norm.to(home)
+    with on_device(final_norm(model), device) as norm:
+        for x in hidden:
+            y = norm(x.to(device)).reshape(-1, x.shape[-1]).float()
+            h = h + y.t() @ y
+            tokens += y.shape[0]
     total = torch.tensor([float(tokens)], dtype=torch.float64, device=h.device)
     _sum_over_processes(h, total)
     return h / total.clamp(min=1).item()

@@ -13,7 +13,8 @@
 4. Tune (tune_epochs > 0): the codes fixed, every group's scale and zero trained end to end against the cost
    (xbit.tune), aiming at the float model's outputs (xbit.blockwise.Teacher: its final hidden states, taken in the
    measurement, and its head).
-Every phase keeps one decoder block on the compute device at a time; the measured E[x x^T] waits on disk.
+Every phase keeps one decoder block on the compute device at a time, in float32 (the host holds the blocks in
+their stored dtype: xbit.calibrate.on_device); the measured E[x x^T] waits on disk.
 """
 
 import json
@@ -194,11 +195,12 @@ def final_deltas(linears: dict, measurement: dict, group_size: int, damp: float,
         w, m = linears[name].weight, measurement[name]
         if t is None:
             h = loaded(m.get("h")) if compensate else None
-            t = quantize_layer(w.to(device), None if h is None else h.to(device), bits, m["h_diag"], group_size,
-                               damp, grid)
-            t = {k: v.to(w.device) for k, v in t.items()}
+            t = quantize_layer(w.to(device, torch.float32), None if h is None else h.to(device), bits, m["h_diag"],
+                               group_size, damp, grid)
+            t = {k: v.cpu() for k, v in t.items()}
             recent[name] = [(bits.clone(), t)] + recent.get(name, [])[:1]
-        return lambda: dequantize(t["qweight"], t["scales"], t["zeros"], t["perm"], t["bits"], group_size).sub_(w)
+        keys = ("qweight", "scales", "zeros", "perm", "bits")
+        return lambda: dequantize(*(t[k].to(device) for k in keys), group_size).sub_(w.to(device, torch.float32))
 
     return delta
 

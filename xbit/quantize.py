@@ -21,7 +21,8 @@ from .format import FORMAT_VERSION, MAX_BITS
 from .hf import layer_spec, set_submodule
 from .modules import XbitEmbedding, XbitLinear, XbitTiedHead
 from .arch import adapter_for, block_linears, embedding_and_head, split_experts
-from .calibrate import calibration_ids, decoder_layers_path, init_distributed, run_blocks
+from .calibrate import (calibration_ids, decoder_layers_path, float_outside_blocks, init_distributed, on_device,
+                        run_blocks)
 from .gptq import act_order, quantize_weight_gptq
 from .grid import GRIDS
 from .learn import resolve_cost
@@ -107,6 +108,7 @@ def quantize_model(model, tokenizer=None, calib: list[str] | None = None, device
         width, group = parse_match(s.match)
         s = dataclasses.replace(s, match=None, code_bits=width, group_size=group)
     method, group_size, float_dtype = s.method, s.group_size, s.float_dtype
+    float_outside_blocks(model)  # the blocks stay in their stored dtype and compute in float32 one at a time
     linears = quantizable_linears(model)
     if not linears:
         raise UsageError("the model has no nn.Linear layers to quantize")
@@ -327,10 +329,10 @@ def _load_model(model_id: str | None, device: str):
         raise UsageError(f"--model {model_id}: folder has no config.json")
     try:
         tok = AutoTokenizer.from_pretrained(model_id)
-        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(model_id, dtype="auto")  # the stored dtype, on the host
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot load model {model_id}: {str(e).splitlines()[0]}") from None
-    return model.to(device).eval(), tok, model_id
+    return model.eval(), tok, model_id
 
 
 def _default_calib() -> list[str]:
@@ -410,7 +412,11 @@ def run(args) -> int:
         model, tok, model_id = _load_model(args.model, device)
     evaluate = bool(args.eval_text) and lead
     with usage.phase("reference perplexity"):
-        ref_ppl = _perplexities(model, tok, args, progress) if evaluate else {}
+        if evaluate:  # like the checkpoint's perplexity (xbit.load): float32 on CPU, the stored dtype on CUDA
+            with on_device(model, device, torch.float32 if torch.device(device).type == "cpu" else None):
+                ref_ppl = _perplexities(model, tok, args, progress)
+        else:
+            ref_ppl = {}
     model, qconfig, report = quantize_model(model, tok, calib=calib, device=device, progress=progress,
                                             settings=settings, usage=usage)
     report.update(model=model_id, target_bits=args.bits, match=args.match)

@@ -36,12 +36,17 @@ DEFAULT_TUNE_EPOCHS = 2  # SmolLM2 at the GPTQ 3-bit size: held-out KL 0.292 -> 
 DEFAULT_TUNE_SAMPLES = None
 
 
+KEPT_CODES_BYTES = 2 << 30  # unpacked codes (a byte per weight) kept for the whole tuning up to this much; the
+# layers beyond are unpacked again at each use (same numbers): an 8B model's 8 GB of codes would sit in host memory
+
+
 class TunableGrid:
     """One quantized table (XbitLinear or XbitEmbedding) as a differentiable function of its scales and zeros."""
 
-    def __init__(self, module: XbitLinear):
+    def __init__(self, module: XbitLinear, keep_codes: bool = True):
         self.module = module
-        self.codes, self.group, self.cols = unpack_layer(module.qweight, module.perm, module.bits, module.group_size)
+        codes, self.group, self.cols = unpack_layer(module.qweight, module.perm, module.bits, module.group_size)
+        self.kept = codes if keep_codes else None
         self.scale0, self.zero0 = module.scales.float(), module.zeros.float()
         self.log_scale = torch.zeros_like(self.scale0, requires_grad=True)
         self.shift = torch.zeros_like(self.zero0, requires_grad=True)
@@ -52,11 +57,12 @@ class TunableGrid:
     def weight(self, device=None) -> torch.Tensor:
         """The dequantized table [out, in], original column order (0-bit columns are zero), computed on `device`
         (default: where the grid lives; the trained parameters stay there, their copies carry the gradient)."""
-        d = self.codes.device if device is None else device
+        d = self.scale0.device if device is None else device
         scale = self.scale0.to(d) * self.log_scale.to(d).exp()
         zero = self.zero0.to(d) + self.shift.to(d)
-        return dequantize_unpacked(self.codes.to(d), self.group.to(d), self.cols.to(d), scale, zero,
-                                   self.module.in_features)
+        m = self.module
+        codes = self.kept if self.kept is not None else unpack_layer(m.qweight, m.perm, m.bits, m.group_size)[0]
+        return dequantize_unpacked(codes.to(d), self.group.to(d), self.cols.to(d), scale, zero, m.in_features)
 
     def write_back(self):
         with torch.no_grad():
@@ -133,7 +139,11 @@ def tune_grids(model, train: Teacher, held: Teacher, cost_fn, device, epochs: in
     model's outputs that the teachers hold (xbit.blockwise.Teacher: `train` on the calibration sequences, `held`
     on the held-out ones that choose the epoch). One block on the device at a time. Returns the report: held-out
     cost per epoch (epoch 0 = untuned) and the epoch kept."""
-    grids = {m: TunableGrid(m) for m in model.modules() if isinstance(m, XbitLinear)}
+    grids, kept = {}, 0
+    for m in model.modules():
+        if isinstance(m, XbitLinear):
+            kept += m.in_features * m.out_features
+            grids[m] = TunableGrid(m, keep_codes=kept <= KEPT_CODES_BYTES)
     params = [p for g in grids.values() for p in g.params()]
     for p in model.parameters():
         p.requires_grad_(False)

@@ -75,3 +75,47 @@ def test_dense_rerun_of_a_quantized_block_computes_what_its_kernels_compute(meth
         again = out(block(x, **args))
     torch.testing.assert_close(dense, kernels, rtol=1e-4, atol=1e-4)
     assert torch.equal(again, kernels)  # the kernels are back
+
+
+def test_on_device_computes_in_float32_and_puts_back_the_stored_dtype():
+    from xbit.calibrate import on_device
+    from xbit.modules import XbitLinear
+
+    block = nn.Sequential(nn.Linear(6, 4), nn.LayerNorm(4)).to(torch.bfloat16)
+    block.register_buffer("index", torch.arange(3, dtype=torch.uint8))
+    before = {n: p.detach().clone() for n, p in block.named_parameters()}
+    with on_device(block, "cpu"):
+        assert all(p.dtype == torch.float32 for p in block.parameters())
+        assert block.index.dtype == torch.uint8
+        added = XbitLinear(4, 6, [0, 0, 0, 4, 0, 0, 0, 0, 0], group_size=32, dtype=torch.float16)  # e.g. a layer quantized during the visit
+        block.append(added)
+    assert all(torch.equal(p, before[n]) and p.dtype == torch.bfloat16 for n, p in block.named_parameters()
+               if n in before)
+    assert block[2].scales.dtype == torch.float16  # what joined during the visit is left as it is
+
+
+@pytest.mark.parametrize("method", ["gptq", "xbit"])
+def test_a_bfloat16_model_quantizes_exactly_as_its_float32_copy_and_its_blocks_stay_bfloat16(method):
+    """The host keeps the blocks in their stored dtype and every phase computes in float32: the checkpoint is the
+    one the float32 copy of the same weights gives, bit for bit."""
+    import copy
+
+    import xbit
+    from xbit.modules import XbitLinear
+    from tests.tiny import WORDS, tiny_tokenizer
+
+    words = " ".join(WORDS[(11 * j) % len(WORDS)] for j in range(3000))
+    kw = dict(method="gptq", code_bits=3) if method == "gptq" else dict(
+        method="xbit", bits=3.5, rounds=2, tune_epochs=1, rotation_block=0)
+    half = tiny_llama(seed=3).to(torch.bfloat16)
+    full = copy.deepcopy(half).float()
+    out = [xbit.quantize(m, tiny_tokenizer(), group_size=32, calib=[words], calib_samples=4, seq_len=64,
+                         progress=False, **kw)[0] for m in (half, full)]
+    layers = [{n: m for n, m in model.named_modules() if isinstance(m, (XbitLinear, xbit.modules.XbitEmbedding))}
+              for model in out]
+    assert len(layers[0]) >= 14 and layers[0].keys() == layers[1].keys()
+    for name, a in layers[0].items():
+        for key, t in a.state_dict().items():
+            assert torch.equal(t, layers[1][name].state_dict()[key]), (name, key)
+    norms = [m.weight for n, m in out[0].named_modules() if n.startswith("model.layers.") and n.endswith("norm")]
+    assert norms and all(w.dtype == torch.bfloat16 for w in norms)

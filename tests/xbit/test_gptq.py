@@ -42,6 +42,17 @@ def test_gptq_mixed_bits_and_zero_columns_are_consistent():
     assert weighted_error(t, w, h, 16) < weighted_error(quantize_weight_rtn(w, bits, perm, 16), w, h, 16)
 
 
+def test_gptq_in_row_slices_gives_the_unsliced_layer():
+    """Rows are quantized independently (one H^-1): slices of 7 of 96 rows must give the same tensors bit for bit."""
+    w, h = correlated_problem(k=131)
+    bits = (torch.arange(131) % 4 + 1).to(torch.uint8)
+    perm = torch.argsort(bits.long() * 1000 + torch.arange(131), stable=True)
+    whole, sliced = (quantize_weight_gptq(w, h, bits, perm, 16, rows=r) for r in (1 << 20, 7))
+    assert whole.keys() == sliced.keys()
+    for k in whole:
+        assert torch.equal(whole[k], sliced[k]), k
+
+
 def test_gptq_model_quantization_block_by_block_beats_rtn():
     tok = tiny_tokenizer()
     g = torch.Generator().manual_seed(0)

@@ -48,9 +48,11 @@ def expected_weight(perm, codes3, codes5, scales, zeros):
     return w
 
 
-def test_tunable_weight_is_scale_times_code_minus_zero_and_writes_back_its_grid():
+@pytest.mark.parametrize("keep_codes", [True, False])
+def test_tunable_weight_is_scale_times_code_minus_zero_and_writes_back_its_grid(keep_codes):
     layer, perm, codes3, codes5, scales, zeros = hand_built_layer()
-    grid = TunableGrid(layer)
+    grid = TunableGrid(layer, keep_codes=keep_codes)  # codes kept unpacked, or unpacked at each use
+    assert (grid.kept is not None) == keep_codes
     torch.testing.assert_close(grid.weight(), expected_weight(perm, codes3, codes5, scales, zeros))
     with torch.no_grad():  # a moved grid: scale * e^0.1, zero + 0.25 code steps
         grid.log_scale.add_(0.1)
