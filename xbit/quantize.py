@@ -396,6 +396,12 @@ def run(args) -> int:
 
         calib = load_calib_texts(args.cost_data)  # ce on task text: that text also drives the measurement
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        known = torch.device(device).type in ("cpu", "cuda")
+    except RuntimeError:
+        known = False
+    if not known:
+        raise UsageError(f"--device {device!r}: expected cpu, cuda or cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device cuda asked but no CUDA device is available")
     rank, processes = init_distributed()  # torchrun / accelerate launch: calibration split over processes

@@ -75,6 +75,8 @@ def test_size_target_picks_widest_uniform_width_that_fits(tiny_model_dir, tmp_pa
     (["--method", "xbit", "--bits", "3", "--tune-epochs", "-1"], "--tune-epochs must be >= 0"),
     (["--method", "xbit", "--bits", "3", "--tune-lr", "0"], "--tune-lr positive"),
     (["--method", "xbit", "--bits", "3", "--tune-samples", "0"], "--tune-samples must be >= 1"),
+    (["--method", "rtn", "--code-bits", "3", "--device", "tpu9"], "expected cpu, cuda or cuda:N"),
+    (["--method", "rtn", "--code-bits", "3", "--device", "meta"], "expected cpu, cuda or cuda:N"),
 ])
 def test_bad_arguments_exit_2_with_one_line_and_write_nothing(tiny_model_dir, tmp_path, capsys, args, message):
     out = tmp_path / "never"
