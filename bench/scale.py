@@ -60,10 +60,10 @@ def main(argv=None):
                                  calib_samples=args.calib_samples, seq_len=args.seq_len, rounds=args.rounds,
                                  tune_epochs=args.tune_epochs)
     gib = 2**30
+    held = 2 * in_blocks + 4 * (params - in_blocks)
     print(f"model: Llama-3-8B shapes, {args.blocks} blocks, {params / 1e9:.3f} B parameters "
-          f"({2 * params / gib:.2f} GiB in bfloat16; held as {(2 * in_blocks + 4 * (params - in_blocks)) / gib:.2f} GiB: "
-          f"blocks bfloat16, embedding and head float32); built in "
-          f"{built:.0f} s")
+          f"({2 * params / gib:.2f} GiB in bfloat16; held as {held / gib:.2f} GiB: blocks bfloat16, embedding and "
+          f"head float32); built in {built:.0f} s")
     print("wall time by phase: " + ", ".join(f"{k} {v:.0f} s" for k, v in report["phase_seconds"].items()))
     for n in report["rss_by_block"]:
         print(f"  {n['at']:<32} RSS {n['rss'] / gib:6.2f} GiB, peak so far {n['peak_rss'] / gib:6.2f} GiB")
@@ -73,7 +73,8 @@ def main(argv=None):
         keep = ("phase_seconds", "peak_rss_after_phase", "rss_by_block", "peak_host_rss_bytes", "peak_device_bytes",
                 "file_bytes", "bits_per_weight_layers", "rounds", "tune_costs", "report_cost")
         with open(args.json, "w") as f:
-            json.dump({"params": params, "params_in_blocks": in_blocks, "blocks": args.blocks, **{k: report.get(k) for k in keep}}, f, indent=1)
+            json.dump({"params": params, "params_in_blocks": in_blocks, "blocks": args.blocks,
+                       **{k: report.get(k) for k in keep}}, f, indent=1)
 
 
 if __name__ == "__main__":

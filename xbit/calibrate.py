@@ -1,8 +1,8 @@
 """Calibration: real text through the model one decoder block at a time, collecting E[x x^T] per linear input.
 
 Only one decoder block sits on the compute device at a time, computing in float32 (`on_device`); the rest of the
-model stays where it was loaded (CPU, or offloaded by accelerate), the blocks in their stored dtype. Each block's outputs, computed with the block already quantized, become the
-next block's inputs, as in GPTQ.
+model stays where it was loaded (CPU, or offloaded by accelerate), the blocks in their stored dtype. Each block's
+outputs, computed with the block already quantized, become the next block's inputs, as in GPTQ.
 """
 
 import os

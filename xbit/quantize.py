@@ -95,8 +95,8 @@ def quantize_model(model, tokenizer=None, calib: list[str] | None = None, device
     `rotation_block` input features (0: no rotation; see xbit.rotation), and fits each group's grid by `grid`
     ("mse" or "minmax"; the rtn and gptq baselines always use minmax, the published GPTQ grid). xbit then trains
     the grids (scales and zeros) end to end against the cost for up to `tune_epochs` passes over the
-    calibration sequences (the first `tune_samples` if set; xbit.tune; 0 epochs: no tuning). Every target is verified on the
-    result. `usage` (xbit.usage.Usage) times the phases; the report gets its wall times and peak memory.
+    calibration sequences (the first `tune_samples` if set; xbit.tune; 0 epochs: no tuning). Every target is
+    verified on the result. `usage` (xbit.usage.Usage) times the phases; the report gets its wall times and peak memory.
     """
     usage = usage or Usage()
     s = settings or QuantizeSettings.from_kwargs(**options)

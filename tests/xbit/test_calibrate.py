@@ -87,7 +87,8 @@ def test_on_device_computes_in_float32_and_puts_back_the_stored_dtype():
     with on_device(block, "cpu"):
         assert all(p.dtype == torch.float32 for p in block.parameters())
         assert block.index.dtype == torch.uint8
-        added = XbitLinear(4, 6, [0, 0, 0, 4, 0, 0, 0, 0, 0], group_size=32, dtype=torch.float16)  # e.g. a layer quantized during the visit
+        # e.g. a layer quantized during the visit
+        added = XbitLinear(4, 6, [0, 0, 0, 4, 0, 0, 0, 0, 0], group_size=32, dtype=torch.float16)
         block.append(added)
     assert all(torch.equal(p, before[n]) and p.dtype == torch.bfloat16 for n, p in block.named_parameters()
                if n in before)
