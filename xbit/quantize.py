@@ -139,6 +139,9 @@ def quantize_model(model, tokenizer=None, calib: list[str] | None = None, device
             new = XbitLinear.from_tensors(tensors, bias, group_size, rotation_block)
         set_submodule(model, name, new)
         layers[name] = layer_spec(new)
+        # the float weight is freed now, not after the last phase (what still needs it, the teacher's head, holds
+        # its own reference)
+        old.weight.data = old.weight.data.new_empty(0)
 
     def uniform_bits(lin):
         return torch.full((lin.in_features,), width, dtype=torch.uint8, device=lin.weight.device)

@@ -110,6 +110,7 @@ def test_a_bfloat16_model_quantizes_exactly_as_its_float32_copy_and_its_blocks_s
         method="xbit", bits=3.5, rounds=2, tune_epochs=1, rotation_block=0)
     half = tiny_llama(seed=3).to(torch.bfloat16)
     full = copy.deepcopy(half).float()
+    originals = [m for m in half.modules() if isinstance(m, (nn.Linear, nn.Embedding))]
     out = [xbit.quantize(m, tiny_tokenizer(), group_size=32, calib=[words], calib_samples=4, seq_len=64,
                          progress=False, **kw)[0] for m in (half, full)]
     layers = [{n: m for n, m in model.named_modules() if isinstance(m, (XbitLinear, xbit.modules.XbitEmbedding))}
@@ -120,3 +121,5 @@ def test_a_bfloat16_model_quantizes_exactly_as_its_float32_copy_and_its_blocks_s
             assert torch.equal(t, layers[1][name].state_dict()[key]), (name, key)
     norms = [m.weight for n, m in out[0].named_modules() if n.startswith("model.layers.") and n.endswith("norm")]
     assert norms and all(w.dtype == torch.bfloat16 for w in norms)
+    quantized = [m for m in originals if not any(m is k for k in out[0].modules())]
+    assert len(quantized) >= 14 and all(m.weight.numel() == 0 for m in quantized)  # float weights freed
