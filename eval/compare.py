@@ -39,6 +39,7 @@ import shlex
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -210,10 +211,8 @@ def run_cell(ref_model, tok, method: str, target: str, target_bytes: int | None,
         cell.update({k: report.get(k) for k in ("phase_seconds", "peak_host_rss_bytes", "peak_device_bytes")})
         cell["layers"] = {n: {"counts": v["counts"], "bytes": v["bytes"], "out_features": v["out"]}
                           for n, v in report["layers"].items()}
-    if method == "reference":  # computed in float32, as every phase of the quantizers computes
-        with on_device(model, next(model.parameters()).device):
-            cell["ppl"], cell["tasks"] = _evaluate(model, tok, args, texts)
-    else:
+    # the reference computed in float32, as every phase of the quantizers computes
+    with on_device(model, next(model.parameters()).device) if method == "reference" else nullcontext():
         cell["ppl"], cell["tasks"] = _evaluate(model, tok, args, texts)
     cell["seconds"] = round(time.time() - t0, 2)
     cell["status"] = "ok"

@@ -78,6 +78,28 @@ GPTQ_ROWS = 16384  # output rows per sweep: rows are quantized independently (on
 # (a 128k-vocabulary head: 2 GB in float32) goes through in slices, each with its own working copy and codes
 
 
+def _quantize_rows(w: torch.Tensor, hinv: torch.Tensor, col_bits: list[int], segs, group_ends: dict,
+                   group_size: int, grid: str, block: int) -> tuple[list, list, list]:
+    """GPTQ of some rows w [rows, in] (storage order, a working copy: swept in place) -> per-segment codes, scales
+    and zeros, as xbit.format.assemble takes them."""
+    scales, zeros = gptq_columns(w, hinv, col_bits, group_ends, grid, block)
+    seg_codes, seg_scales, seg_zeros, g = [], [], [], 0
+    for seg in segs:
+        if seg.bits == 0:
+            continue
+        n_groups = seg.groups(group_size)
+        s, z = torch.stack(scales[g : g + n_groups]), torch.stack(zeros[g : g + n_groups])
+        codes = w[:, seg.start : seg.start + seg.cols]
+        for k, c0 in enumerate(range(0, seg.cols, group_size)):  # in place, a group at a time
+            # exact: every value is scale * (code - zero) with an integer code of at most 8 bits
+            codes[:, c0 : c0 + group_size].div_(s[k][:, None]).add_(z[k][:, None]).round_()
+        seg_codes.append(codes)
+        seg_scales.append(s)
+        seg_zeros.append(z)
+        g += n_groups
+    return seg_codes, seg_scales, seg_zeros
+
+
 @torch.no_grad()
 def quantize_weight_gptq(weight: torch.Tensor, h: torch.Tensor, bits: torch.Tensor, perm: torch.Tensor,
                          group_size: int, damp: float = 0.01, block: int = 128, grid: str = "minmax",
@@ -88,27 +110,14 @@ def quantize_weight_gptq(weight: torch.Tensor, h: torch.Tensor, bits: torch.Tens
     dead = torch.diagonal(h)[perm] == 0
     col_bits = bits.long()[perm].tolist()
     segs = segments_of(bits, perm, group_size)
+    ends = _group_ends(segs, group_size)
     parts = []
     for r in range(0, weight.shape[0], rows):
         w = weight[r : r + rows].float()[:, perm]  # (a copy: the sweep works in place)
         w[:, dead] = 0
-        scales, zeros = gptq_columns(w, hinv, col_bits, _group_ends(segs, group_size), grid, block)
-        seg_codes, seg_scales, seg_zeros, g = [], [], [], 0
-        for seg in segs:
-            if seg.bits == 0:
-                continue
-            n_groups = seg.groups(group_size)
-            sc, z = torch.stack(scales[g : g + n_groups]), torch.stack(zeros[g : g + n_groups])
-            codes = w[:, seg.start : seg.start + seg.cols]
-            for k, c0 in enumerate(range(0, seg.cols, group_size)):  # in place, a group at a time
-                # exact: every value is scale * (code - zero) with an integer code of at most 8 bits
-                codes[:, c0 : c0 + group_size].div_(sc[k][:, None]).add_(z[k][:, None]).round_()
-            seg_codes.append(codes)
-            seg_scales.append(sc)
-            seg_zeros.append(z)
-            g += n_groups
-        parts.append(assemble(w.shape[0], bits, perm, group_size, seg_codes, seg_scales, seg_zeros))
-        del w, seg_codes
+        parts.append(assemble(w.shape[0], bits, perm, group_size,
+                              *_quantize_rows(w, hinv, col_bits, segs, ends, group_size, grid, block)))
+        del w
     if len(parts) == 1:
         return parts[0]
     return {**parts[0], **{k: torch.cat([p[k] for p in parts], dim=1) for k in ("qweight", "scales", "zeros")}}
