@@ -56,34 +56,44 @@ def _threads(threads: int | None, work: int) -> int:
 
 
 class _Plan:
-    """What the kernel needs besides the buffers, computed once per layer: the segment table."""
+    """What the kernel needs besides the buffers, computed once per layer: the segment table. Built in C++
+    (xbit_cpu_plan), which checks every perm entry and bit depth the kernel will index with, so that a damaged
+    layer raises here instead of reading outside x."""
 
     def __init__(self, layer):
-        bits, perm, g = layer.bits, layer.perm.long(), layer.group_size
-        ordered = bits.long()[perm].tolist()
-        rows, i, word, group, xoff = [], 0, 0, 0, 0
-        while i < len(ordered):  # runs of equal bits in storage order, as in xbit.format.segments_of
-            b, j = ordered[i], i
-            while j < len(ordered) and ordered[j] == b:
-                j += 1
-            cols = j - i
-            if b > 0:
-                rows.append([b, i, cols, word, group, xoff])
-                word += -(-cols // BLOCK) * b
-                group += -(-cols // g)
-                xoff += -(-cols // BLOCK) * BLOCK
-            i = j
+        k, g = layer.bits.numel(), layer.group_size
+        bits = layer.bits.to(torch.uint8).contiguous()  # the buffer is uint8 already
+        self.perm = layer.perm.to(torch.int32).contiguous()
+        segs = torch.zeros(9, 6, dtype=torch.int32)
+        info = torch.zeros(5, dtype=torch.int64)  # nseg, words, groups, Kp; the position at fault on error
+        rc = _LIB.xbit_cpu_plan(bits.data_ptr(), self.perm.data_ptr(), k, g, segs.data_ptr(), info.data_ptr())
+        if rc != 0:
+            raise ValueError(f"xbit CPU kernel: invalid layer: {_plan_error(rc, int(info[4]), bits, self.perm, g)}")
+        nseg, word, group, self.kp, _ = info.tolist()
         self.key = _key(layer)
-        self.segs = torch.tensor(rows, dtype=torch.int32).reshape(-1, 6).contiguous()
-        self.perm = perm.to(torch.int32).contiguous()
-        self.ngroups, self.kp = group, xoff
+        self.segs = segs[:nseg].contiguous()
         if word != layer.qweight.shape[0] or group != layer.scales.shape[0]:
             raise ValueError(f"layer buffers do not match its bits/perm: {word} words and {group} groups expected, "
                              f"got qweight {tuple(layer.qweight.shape)} and scales {tuple(layer.scales.shape)}")
 
 
-def _key(layer):  # a new plan whenever bits or perm are replaced or written in place (load_state_dict)
-    return (layer.bits.data_ptr(), layer.bits._version, layer.perm.data_ptr(), layer.perm._version, layer.group_size)
+def _plan_error(rc: int, i: int, bits: torch.Tensor, perm: torch.Tensor, group_size: int) -> str:
+    k = bits.numel()
+    if rc == -10:
+        return f"perm[{i}] is {int(perm[i])}, outside 0..{k - 1}"
+    if rc == -11:
+        return f"perm[{i}] repeats column {int(perm[i])} (perm must be a permutation of 0..{k - 1})"
+    if rc == -12:
+        return f"bits[{i}] is {int(bits[i])}, outside 0..8"
+    if rc == -13:
+        return f"bit depth {int(bits[perm[i]])} forms a second segment at storage position {i}"
+    return f"group_size {group_size} (xbit_cpu_plan returned {rc})"
+
+
+def _key(layer):  # a new plan whenever bits or perm are replaced or written in place (load_state_dict), or the
+    # buffers it was checked against change shape
+    return (layer.bits.data_ptr(), layer.bits._version, layer.perm.data_ptr(), layer.perm._version, layer.group_size,
+            layer.qweight.shape, layer.scales.shape)
 
 
 def _plan(layer) -> _Plan:
@@ -108,8 +118,8 @@ def matmul(x: torch.Tensor, layer, threads: int | None = None, isa: str | None =
     if x2.shape[0] > 0 and n > 0:
         rc = _LIB.xbit_cpu_matmul(
             _isa(isa), _threads(threads, x2.shape[0] * n * plan.kp), x2.data_ptr(), int(x2.dtype == torch.bfloat16), x2.shape[0], k,
-            plan.perm.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), n,
-            plan.segs.data_ptr(), plan.segs.shape[0], layer.group_size, plan.ngroups, plan.kp,
+            plan.perm.data_ptr(), qweight.data_ptr(), qweight.shape[0], scales.data_ptr(), zeros.data_ptr(), n,
+            plan.segs.data_ptr(), plan.segs.shape[0], layer.group_size, scales.shape[0], plan.kp,
             signs.data_ptr() if rot_block else None, rot_block, y.data_ptr())
         if rc != 0:
             raise RuntimeError(f"xbit_cpu_matmul failed with code {rc}")

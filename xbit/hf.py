@@ -79,7 +79,13 @@ class XbitHfQuantizer(HfQuantizer):
         tied = set()
         if getattr(model.config, "tie_word_embeddings", False):
             tied = {k for k in expected if k.startswith("lm_head.")}
-        checkpoint.validate(checkpoint_files, {k: v for k, v in expected.items() if k not in tied})
+        self._files = checkpoint.validate(checkpoint_files, {k: v for k, v in expected.items() if k not in tied})
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        # the headers said nothing about the values: out-of-range bits or perm entries would fail (or read outside
+        # a buffer) at the first forward, non-finite scales give NaN logits silently
+        checkpoint.check_model_values(model, getattr(self, "_files", None))
         return model
 
     def is_serializable(self):

@@ -92,13 +92,50 @@ int xbit_cpu_openmp(void) {
 #endif
 }
 
+// The segment table of a layer, built once per layer from bits (uint8 [K], original column order) and perm (int32
+// [K], storage order), checking every index the kernels will use: perm a permutation of 0..K-1, bits 0..8, each
+// depth one run of storage order. seg_table receives the rows xbit_cpu_matmul takes (depths > 0, at most 8 rows of
+// 6); info[0..3] = {nseg, words, groups, Kp}. Returns 0, or a negative code with info[4] the position at fault:
+// -10 perm[i] outside 0..K-1, -11 perm[i] repeats an earlier entry, -12 bits[i] > 8, -13 storage position i starts
+// a second run of its depth; -1 group_size <= 0.
+int xbit_cpu_plan(const uint8_t* bits, const int32_t* perm, int64_t K, int32_t group_size, int32_t* seg_table,
+                  int64_t* info) {
+  if (group_size <= 0) return -1;
+  std::vector<uint8_t> seen(size_t(K), 0);
+  for (int64_t i = 0; i < K; ++i) {
+    info[4] = i;
+    if (perm[i] < 0 || perm[i] >= K) return -10;
+    if (seen[perm[i]]++) return -11;
+  }
+  for (int64_t i = 0; i < K; ++i)
+    if (bits[i] > 8) return info[4] = i, -12;
+  bool used[9] = {};
+  int64_t nseg = 0, words = 0, groups = 0, kp = 0;
+  for (int64_t i = 0, j; i < K; i = j) {  // runs of equal depth in storage order, as xbit.format.segments_of
+    const int b = bits[perm[i]];
+    for (j = i; j < K && bits[perm[j]] == b; ++j) {
+    }
+    if (used[b]) return info[4] = i, -13;
+    used[b] = true;
+    if (b == 0) continue;  // 0-bit columns store nothing
+    const int64_t cols = j - i, blocks = (cols + xbit::kBlock - 1) / xbit::kBlock;
+    int32_t* r = seg_table + 6 * nseg++;
+    r[0] = b, r[1] = int32_t(i), r[2] = int32_t(cols), r[3] = int32_t(words), r[4] = int32_t(groups);
+    r[5] = int32_t(kp);
+    words += blocks * b, groups += (cols + group_size - 1) / group_size, kp += blocks * xbit::kBlock;
+  }
+  info[0] = nseg, info[1] = words, info[2] = groups, info[3] = kp;
+  return 0;
+}
+
 // y[M, N] float32 = x[M, K] (float32, or bfloat16 when x_bf16) @ W.T, W in the x-bit format.
-// seg_table: nseg rows of (bits, start, cols, word_start, group_start, xoff) for the segments with bits > 0;
-// Kp: total padded columns (sum of segment columns rounded up to 32). signs (float32 [K], or null) and rot_block:
+// seg_table: nseg rows of (bits, start, cols, word_start, group_start, xoff) for the segments with bits > 0, from
+// xbit_cpu_plan (which checked perm); Kp: total padded columns (sum of segment columns rounded up to 32); nwords
+// and ngroups: the rows of qweight and of scales/zeros. signs (float32 [K], or null) and rot_block:
 // a layer stored in a rotated basis (xbit/rotation.py) multiplies R^T x, computed here first.
 // Returns 0, or < 0 on bad arguments.
 int xbit_cpu_matmul(int isa, int threads, const void* x, int x_bf16, int64_t M, int64_t K, const int32_t* perm,
-                    const int32_t* qweight, const uint16_t* scales, const uint16_t* zeros, int64_t N,
+                    const int32_t* qweight, int64_t nwords, const uint16_t* scales, const uint16_t* zeros, int64_t N,
                     const int32_t* seg_table, int32_t nseg, int32_t group_size, int64_t ngroups, int64_t Kp,
                     const float* signs, int32_t rot_block, float* y) {
   if (group_size <= 0 || group_size % xbit::kBlock != 0) return -1;
@@ -106,9 +143,14 @@ int xbit_cpu_matmul(int isa, int threads, const void* x, int x_bf16, int64_t M, 
   if (!isa_supported(isa)) return -2;
   if (threads < 1) threads = 1;
   std::vector<xbit::Seg> segs(nseg);
-  for (int i = 0; i < nseg; ++i) {
+  for (int i = 0; i < nseg; ++i) {  // O(segments) per call: every row must lie inside the buffers
     const int32_t* r = seg_table + 6 * i;
     if (r[0] < 1 || r[0] > 8) return -3;
+    const int64_t blocks = (int64_t(r[2]) + xbit::kBlock - 1) / xbit::kBlock;
+    if (r[1] < 0 || r[2] < 0 || r[3] < 0 || r[4] < 0 || r[5] < 0 || r[1] + int64_t(r[2]) > K ||
+        r[3] + blocks * r[0] > nwords || r[4] + (r[2] + group_size - 1) / group_size > ngroups ||
+        r[5] + blocks * xbit::kBlock > Kp)
+      return -5;
     segs[i] = {r[0], r[2], r[3], r[4], r[5]};
   }
   // every element of these is written below (padding included): no value-initialisation

@@ -206,3 +206,40 @@ def test_missing_library_falls_back_with_one_warning(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert not cf.CpuKernel.can_run(layer, torch.randn(1, IN))[0]
+
+
+def _layer_with(layout: str, tensor: str, index: int, value: int) -> XbitLinear:
+    """A copy of a layer with one perm or bits entry overwritten in place, as a damaged checkpoint would leave it
+    (bypassing the checks at load)."""
+    src = make_layer(layout, 32)
+    layer = XbitLinear.from_tensors({k: v.clone() for k, v in src.state_dict().items() if k != "bias"},
+                                    src.bias.data, 32)
+    getattr(layer, tensor)[index] = int(src.perm[3]) if value == "perm[3]" else value
+    return layer
+
+
+@needs_lib
+@pytest.mark.parametrize("isa", ISA_PARAMS)
+@pytest.mark.parametrize("layout, tensor, index, value, message", [
+    ("u4", "perm", 0, -1, r"perm\[0\] is -1, outside 0\.\.130"),  # one segment: used to read x[-1]
+    ("u4", "perm", 7, IN, r"perm\[7\] is 131, outside 0\.\.130"),
+    ("mixed", "perm", 9, -30_000, r"perm\[9\] is -30000, outside"),
+    ("u4", "perm", 4, "perm[3]", r"perm\[4\] repeats column"),  # used to run, silently wrong
+    ("mixed", "bits", 5, 9, r"bits\[5\] is 9, outside 0\.\.8"),
+])
+def test_kernel_refuses_indices_outside_the_layer(isa, layout, tensor, index, value, message):
+    """The C++ plan checks every perm entry and bit depth once per layer: an entry outside the layer raises
+    instead of reading outside x (a negative perm entry gave different results from call to call)."""
+    layer = _layer_with(layout, tensor, index, value)
+    with pytest.raises(ValueError, match=message):
+        cf.matmul(torch.randn(2, IN), layer, threads=1, isa=isa)
+
+
+@needs_lib
+def test_buffers_replaced_after_the_plan_are_checked_again():
+    layer = _layer_with("mixed", "bits", 0, int(make_layer("mixed", 32).bits[0]))  # an intact copy
+    x = torch.randn(2, IN)
+    cf.matmul(x, layer)
+    layer.qweight = layer.qweight[:-3].clone()  # fewer words than the segment table indexes
+    with pytest.raises(ValueError, match="layer buffers do not match"):
+        cf.matmul(x, layer)

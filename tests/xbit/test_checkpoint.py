@@ -1,6 +1,10 @@
 """Checkpoints: bit-exact round trip, from_pretrained, clear errors on damaged folders, atomic writes."""
 
 import json
+import os
+import stat
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,6 +13,7 @@ from safetensors.torch import load_file, save_file
 import xbit
 from xbit import checkpoint
 from xbit.checkpoint import CheckpointError
+from xbit.modules import XbitTiedHead
 
 from tests.tiny import tiny_llama, tiny_tokenizer
 
@@ -160,3 +165,165 @@ def test_sharded_save_loads(tmp_path):
     ids = torch.tensor([[3, 4, 5]])
     model.half().float()
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- values checked at load (issue 20)
+
+LAYER = "model.layers.1.mlp.up_proj"  # 64 -> 160, 3 bits, groups of 32: bits/perm [64], scales/zeros [2, 160]
+
+
+def _set(name, index, value):
+    def damage(t):
+        t[name] = t[name].clone()
+        t[name][index] = value
+    return damage
+
+
+def _copy_entry(name, src, dst):
+    def damage(t):
+        t[name] = t[name].clone()
+        t[name][dst] = t[name][src]
+    return damage
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_set(f"{LAYER}.bits", 5, 9), rf"tensor {LAYER}\.bits: column 5 has 9 bits \(0\.\.8 allowed\)"),
+    (_set(f"{LAYER}.bits", 5, 4), rf"tensor {LAYER}\.bits: columns per bit depth .* quantization_config"),
+    (_copy_entry(f"{LAYER}.perm", 3, 4), rf"tensor {LAYER}\.perm: column \d+ appears more than once"),
+    (_set(f"{LAYER}.perm", 0, -1), rf"tensor {LAYER}\.perm: entry 0 is -1 \(must be 0\.\.63\)"),
+    (_set(f"{LAYER}.perm", 9, 64), rf"tensor {LAYER}\.perm: entry 9 is 64 \(must be 0\.\.63\)"),
+    (_set(f"{LAYER}.scales", (1, 7), float("nan")), rf"tensor {LAYER}\.scales: nan at \[1, 7\]"),
+    (_set(f"{LAYER}.zeros", (0, 3), float("inf")), rf"tensor {LAYER}\.zeros: inf at \[0, 3\]"),
+])
+def test_invalid_values_name_the_file_and_tensor(saved, damage, message):
+    """Out-of-range bits, a perm that is not a permutation and non-finite scales or zeros used to load and fail
+    at the first forward (or give NaN logits silently)."""
+    _, out = saved
+    _rewrite(out, damage)
+    with pytest.raises(CheckpointError, match="^model.safetensors: " + message):
+        xbit.load(out, device="cpu")
+
+
+def test_each_bit_depth_must_be_one_segment():
+    """bits[perm] must hold one run per depth (the layout the shapes were computed from)."""
+    from xbit.rtn import quantize_weight_rtn
+
+    bits = torch.tensor([2, 3] * 32, dtype=torch.uint8)
+    perm = torch.argsort(bits.long(), stable=True)
+    layer = xbit.XbitLinear.from_tensors(quantize_weight_rtn(torch.randn(8, 64), bits, perm, 32), None, 32)
+    checkpoint.check_values("l", layer)
+    layer.perm[[0, 40]] = layer.perm[[40, 0]].clone()  # storage order 3, 2 x 31, 3 x 8, 2, 3 x 23: 5 runs
+    with pytest.raises(CheckpointError, match=r"^tensor l\.perm: bits\[perm\] forms 5 runs for 2 bit depths"):
+        checkpoint.check_values("l", layer)
+
+
+def _with_quantized_embedding():
+    """quantized_tiny with its tied embedding table quantized too (an XbitEmbedding, the head an XbitTiedHead)."""
+    from xbit.hf import layer_spec, set_submodule
+    from xbit.modules import XbitEmbedding, XbitTiedHead
+    from xbit.rtn import quantize_weight_rtn
+
+    model, qc, rep = quantized_tiny()
+    w = model.model.embed_tokens.weight.detach()
+    bits = torch.full((w.shape[1],), 4, dtype=torch.uint8)
+    emb = XbitEmbedding.from_tensors(quantize_weight_rtn(w, bits, torch.arange(w.shape[1]), 32), 32,
+                                     dtype=w.dtype)
+    set_submodule(model, "model.embed_tokens", emb)
+    set_submodule(model, "lm_head", XbitTiedHead(emb))
+    qc["layers"]["model.embed_tokens"] = layer_spec(emb)
+    qc["tied"] = {"lm_head": "model.embed_tokens"}
+    model.config.tie_word_embeddings = False
+    return model, qc, rep
+
+
+def test_quantized_embedding_values_are_checked(tmp_path):
+    model, qc, rep = _with_quantized_embedding()
+    checkpoint.save(model, None, tmp_path / "e", qc, rep)
+    assert isinstance(xbit.load(tmp_path / "e", device="cpu").lm_head, XbitTiedHead)
+    _rewrite(tmp_path / "e", _set("model.embed_tokens.scales", (1, 100), float("nan")))
+    with pytest.raises(CheckpointError, match=r"^model.safetensors: tensor model.embed_tokens.scales: nan at"):
+        xbit.load(tmp_path / "e", device="cpu")
+
+
+def test_expert_values_are_checked(tmp_path):
+    from tests.families import family_model
+
+    model, qc, rep = xbit.quantize(family_model("mixtral"), None, method="rtn", code_bits=4, group_size=32,
+                                   progress=False)
+    checkpoint.save(model, None, tmp_path / "m", qc, rep)
+    name = "model.layers.0.mlp.experts.2.down_proj.perm"
+    _rewrite(tmp_path / "m", _set(name, 0, -5))
+    with pytest.raises(CheckpointError, match=rf"^model.safetensors: tensor {name}: entry 0 is -5"):
+        xbit.load(tmp_path / "m", device="cpu")
+
+
+def _rewrite_header(path, edit):
+    """Replace the safetensors header of `path` by edit(header bytes), keeping the data."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = edit(raw[8:8 + n])
+    path.write_bytes(len(header).to_bytes(8, "little") + header + raw[8 + n:])
+
+
+def _edit_json(fn):
+    def edit(raw):
+        h = json.loads(raw)
+        return json.dumps(fn(h)).encode()
+    return edit
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda raw: raw.replace(b'"format"', b'"\xff\xfeformat"'), r"corrupt safetensors header \(.*utf-8"),
+    (_edit_json(lambda h: list(h)), r"corrupt safetensors header \(not a JSON object\)"),
+    (_edit_json(lambda h: {**h, NAME: {k: v for k, v in h[NAME].items() if k != "data_offsets"}}),
+     rf"tensor {NAME} has a damaged header entry \(no data_offsets\)"),
+    (_edit_json(lambda h: {**h, NAME: "x"}), rf"tensor {NAME} has a damaged header entry \(not a JSON object\)"),
+    (_edit_json(lambda h: {**h, NAME: {**h[NAME], "shape": [-1, 3]}}),
+     rf"tensor {NAME} has a damaged header entry \(shape \[-1, 3\]"),
+    (_edit_json(lambda h: {**h, NAME: {**h[NAME], "data_offsets": h[NAME]["data_offsets"][::-1]}}),
+     rf"tensor {NAME} has a damaged header entry \(data_offsets"),
+    (_edit_json(lambda h: {**h, NAME: {**h[NAME], "data_offsets": [h[NAME]["data_offsets"][0],
+                                                                   h[NAME]["data_offsets"][1] - 4]}}),
+     rf"tensor {NAME} has a damaged header entry \(\d+ bytes of data, its shape and dtype need \d+\)"),
+])
+def test_damaged_header_names_the_file(saved, edit, message):
+    """Invalid UTF-8 in the header used to give a bare UnicodeDecodeError; other damage a KeyError or TypeError."""
+    _, out = saved
+    _rewrite_header(out / "model.safetensors", edit)
+    with pytest.raises(CheckpointError, match="^model.safetensors: " + message):
+        xbit.load(out, device="cpu")
+
+
+# ---------------------------------------------------------------- save: stale temporary folders, permissions
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_save_removes_stale_temporary_folders_of_dead_runs_only(tmp_path):
+    model, qc, rep = quantized_tiny()
+    dead = tmp_path / (checkpoint.tmp_prefix("out", _dead_pid()) + "abc123")  # an interrupted (killed) save
+    live = tmp_path / (checkpoint.tmp_prefix("out", os.getppid()) + "def456")  # a concurrent save, still running
+    other = tmp_path / (checkpoint.tmp_prefix("other", _dead_pid()) + "ghi789")  # another output's: not ours
+    for d in (dead, live, other):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"partial")
+    checkpoint.save(model, None, tmp_path / "out", qc, rep)
+    assert not dead.exists() and live.exists() and other.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", live.name, other.name])
+
+
+def test_saved_folder_and_files_follow_the_umask(tmp_path):
+    model, qc, rep = quantized_tiny()
+    old = os.umask(0o027)
+    try:
+        checkpoint.save(model, tiny_tokenizer(), tmp_path / "p", qc, rep)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "p").stat().st_mode) == 0o750  # mkdtemp's 0o700 before
+    files = list((tmp_path / "p").iterdir())
+    assert {"model.safetensors", "config.json"} <= {f.name for f in files}
+    assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in files} == {f.name: 0o640 for f in files}

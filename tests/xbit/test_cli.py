@@ -148,3 +148,27 @@ def test_xbit_cli_matches_gptq_size_exactly_and_reports(tiny_model_dir, tmp_path
     assert all(v >= 0 for v in report["phase_seconds"].values())
     assert report["peak_host_rss_bytes"] >= max(report["peak_rss_after_phase"].values()) > 2**20
     assert "wall time by phase" in stdout and "peak host RSS" in stdout and report["peak_device_bytes"] is None
+
+
+def test_out_is_checked_before_any_work(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """`--out . --overwrite` used to empty the current folder; `--out FILE` failed only after quantizing."""
+    here = tmp_path / "work"
+    here.mkdir()
+    (here / "notes.txt").write_text("mine")
+    monkeypatch.chdir(here)
+    code, _, err = run_cli(capsys, "--model", tiny_model_dir, "--method", "rtn", "--code-bits", 3, "--out", ".",
+                           "--overwrite", "--no-progress")
+    assert code == 2 and "replaces only an xbit checkpoint" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli(capsys, "--model", tiny_model_dir, "--method", "rtn", "--code-bits", 3, "--out",
+                           "notes.txt", "--no-progress")
+    assert code == 2 and "is a file, not a folder" in err
+    assert [p.name for p in here.iterdir()] == ["notes.txt"]
+    # the current folder an xbit checkpoint: still refused, it would delete the folder the run stands in
+    code, _, _ = run_cli(capsys, "--model", tiny_model_dir, "--method", "rtn", "--code-bits", 3, "--out",
+                         tmp_path / "ckpt", "--no-progress")
+    assert code == 0
+    monkeypatch.chdir(tmp_path / "ckpt")
+    code, _, err = run_cli(capsys, "--model", tiny_model_dir, "--method", "rtn", "--code-bits", 3, "--out", ".",
+                           "--overwrite", "--no-progress")
+    assert code == 2 and "holds the current folder" in err
+    assert (tmp_path / "ckpt" / "config.json").exists()
