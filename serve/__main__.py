@@ -5,6 +5,8 @@ import logging
 import os
 import sys
 
+from .gate import DEFAULT_MAX_BODY_BYTES
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m serve", description=__doc__)
@@ -18,10 +20,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="prompt + completion tokens per sequence (default: the model's context)")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 429")
+    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                   help="largest request body accepted; larger ones get 413 (default: 4 MiB)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
-                   help="seconds in-flight requests may take to finish on shutdown before they are cancelled")
+                   help="seconds in-flight requests may take to finish on shutdown; then they end with a 503 "
+                        "(or an SSE error event) and the server exits")
     p.add_argument("--log-level", default="info")
     return p
 
@@ -30,6 +35,13 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.max_batch < 1 or (args.max_seq_len is not None and args.max_seq_len < 2):
         print("error: --max-batch must be >= 1 and --max-seq-len >= 2", file=sys.stderr)
+        return 2
+    if args.api_key is not None and not args.api_key.strip():
+        print("error: the API key (--api-key or XBIT_API_KEY) is empty; give a key, or leave both unset to serve "
+              "without one", file=sys.stderr)
+        return 2
+    if args.max_body_bytes < 1024 or args.shutdown_timeout < 0:
+        print("error: --max-body-bytes must be >= 1024 and --shutdown-timeout >= 0", file=sys.stderr)
         return 2
     if not os.path.isdir(args.model):
         print(f"error: --model {args.model} is not a folder", file=sys.stderr)
@@ -49,11 +61,18 @@ def main(argv=None) -> int:
             server.should_exit = True
 
     app = create_app(args.model, served_name=args.served_model_name, api_key=args.api_key, device=args.device,
-                     on_load_error=on_load_error, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
-                     max_queue=args.max_queue)
+                     on_load_error=on_load_error, max_body_bytes=args.max_body_bytes, max_batch=args.max_batch,
+                     max_seq_len=args.max_seq_len, max_queue=args.max_queue)
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            # abort what still runs a second before uvicorn would cut its connections, so clients get an answer
+            app.state.serve.begin_shutdown(max(args.shutdown_timeout - 1.0, 0.0))
+            await super().shutdown(sockets)
+
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.shutdown_timeout)
-    server = uvicorn.Server(config)
+    server = Server(config)
     server.run()
     if app.state.serve.load_error:
         print(f"error: could not load {args.model}: {app.state.serve.load_error}", file=sys.stderr)

@@ -3,7 +3,6 @@
 import asyncio
 import json
 import logging
-import secrets
 import threading
 import time
 import uuid
@@ -16,20 +15,15 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import Engine, EngineError, SamplingParams, Sequence
+from .gate import DEFAULT_MAX_BODY_BYTES, Gate, error_body
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
 log = logging.getLogger("serve.app")
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               405: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
-               429: "rate_limit_error", 503: "service_unavailable"}
-OPEN_PATHS = {"/health"}
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": ERROR_TYPES.get(status, "server_error"), "param": param,
-                      "code": code}}
-    return JSONResponse(body, status_code=status)
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> Response:
+    return Response(error_body(status, message, param, code), status_code=status, media_type="application/json")
 
 
 def load_model(model_dir: str, device: str | None = None):
@@ -57,6 +51,11 @@ class ServerState:
         self.engine = Engine(model, tokenizer, metrics=self.metrics, **self.engine_kwargs)
         self.engine.start()
 
+    def begin_shutdown(self, grace: float):
+        """The server stops accepting connections: refuse new requests, abort the running ones after `grace` s."""
+        if self.engine:
+            self.engine.drain(grace)
+
     def token_str(self, i: int) -> str:
         s = self._tok_str.get(i)
         if s is None:
@@ -65,7 +64,8 @@ class ServerState:
 
 
 def create_app(model_dir: str | None = None, *, model=None, tokenizer=None, served_name: str | None = None,
-               api_key: str | None = None, device: str | None = None, on_load_error=None, **engine_kwargs) -> FastAPI:
+               api_key: str | None = None, device: str | None = None, on_load_error=None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, **engine_kwargs) -> FastAPI:
     """Build the app. With `model_dir` the model loads in a background thread (/health says 503 until ready)."""
     name = served_name or (Path(model_dir).name if model_dir else "model")
     st = ServerState(name, api_key, engine_kwargs, {str(model_dir)} if model_dir else set())
@@ -93,33 +93,18 @@ def create_app(model_dir: str | None = None, *, model=None, tokenizer=None, serv
 
     app = FastAPI(title="xbit OpenAI-compatible server", lifespan=lifespan)
     app.state.serve = st
+    app.add_middleware(Gate, st=st, max_body_bytes=max_body_bytes)
     _install_handlers(app, st)
     _install_routes(app, st)
     return app
 
 
 def _install_handlers(app: FastAPI, st: ServerState):
-    @app.middleware("http")
-    async def auth_and_count(request: Request, call_next):
-        path = request.url.path
-        if st.api_key and path not in OPEN_PATHS:
-            given = request.headers.get("authorization", "")
-            token = given[7:] if given.lower().startswith("bearer ") else ""
-            if not secrets.compare_digest(token.encode(), st.api_key.encode()):
-                response = error_response(401, "Incorrect or missing API key (send 'Authorization: Bearer KEY').",
-                                          code="invalid_api_key")
-                st.metrics.requests.labels("auth", "401").inc()
-                return response
-        response = await call_next(request)
-        route = request.scope.get("route")
-        st.metrics.requests.labels(getattr(route, "path", "other"), str(response.status_code)).inc()
-        return response
-
     @app.exception_handler(RequestValidationError)
     async def on_validation(request, exc: RequestValidationError):
         errs = exc.errors()
         first = errs[0] if errs else {"loc": (), "msg": "invalid request"}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        loc = [str(x) for x in first.get("loc", ()) if x != "body" and _is_field(x)]
         msg = first.get("msg", "invalid request")
         if first.get("type") == "json_invalid":
             msg, loc = "The request body is not valid JSON.", []
@@ -139,6 +124,11 @@ def _install_handlers(app: FastAPI, st: ServerState):
         return error_response(500, f"internal error: {type(exc).__name__}")
 
 
+def _is_field(loc_part) -> bool:
+    """A field name or list index, not one of pydantic's union-member tags ('str', 'function-after[...]')."""
+    return isinstance(loc_part, int) or (loc_part.isidentifier() and loc_part not in ("str", "int", "list"))
+
+
 def _ready(st: ServerState, model: str | None = None) -> Engine:
     if st.engine is None:
         raise EngineError(st.load_error or "model is loading", status=503, code="model_loading")
@@ -154,6 +144,9 @@ def _install_routes(app: FastAPI, st: ServerState):
     async def health():
         if st.engine is None:
             return JSONResponse({"status": "failed" if st.load_error else "loading", "error": st.load_error},
+                                status_code=503)
+        if not st.engine.alive:
+            return JSONResponse({"status": "stopped", "error": "the generation engine is not running"},
                                 status_code=503)
         return {"status": "ok"}
 
@@ -181,21 +174,22 @@ def _install_routes(app: FastAPI, st: ServerState):
         if (req.prompt is None) == (req.messages is None):
             raise EngineError("give exactly one of 'prompt' or 'messages'", param="prompt")
         if req.messages is not None:
-            ids = fmt.chat_prompt_ids(st.tok, req.messages, req.add_generation_prompt)
+            ids = await asyncio.to_thread(fmt.chat_prompt_ids, st.tok, req.messages, req.add_generation_prompt)
         else:
-            ids = st.tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+            ids = await asyncio.to_thread(st.tok.encode, req.prompt, add_special_tokens=req.add_special_tokens)
         return {"count": len(ids), "max_model_len": eng.max_seq_len, "tokens": ids}
 
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest):
         eng = _ready(st, req.model)
         fmt.check_ids(req.tokens, eng.vocab_size, "tokens")
-        return {"prompt": st.tok.decode(req.tokens)}
+        return {"prompt": await asyncio.to_thread(st.tok.decode, req.tokens)}
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         eng = _ready(st, req.model)
-        prompts = fmt.completion_prompts(req.prompt, st.tok, eng.vocab_size)
+        # tokenizing a prompt of megabytes takes seconds: off the event loop, so other clients are not frozen
+        prompts = await asyncio.to_thread(fmt.completion_prompts, req.prompt, st.tok, eng.vocab_size)
         fmt.check_choices(len(prompts), req.n)
         groups = []
         for ids, _ in prompts:
@@ -216,7 +210,7 @@ def _install_routes(app: FastAPI, st: ServerState):
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, request: Request):
         eng = _ready(st, req.model)
-        ids = fmt.chat_prompt_ids(st.tok, req.messages, True)
+        ids = await asyncio.to_thread(fmt.chat_prompt_ids, st.tok, req.messages, True)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         max_tokens = max_tokens if max_tokens is not None else eng.max_seq_len - len(ids)
         eng.check(len(ids), max_tokens)
@@ -267,25 +261,27 @@ class _Run:
         for s in self.seqs:
             s.cancelled = True
 
-    async def next_event(self, request: Request | None = None):
-        """Next (index, event); checks every 0.5 s whether a non-streaming client went away."""
-        while True:
-            try:
-                return await asyncio.wait_for(self.queue.get(), 0.5)
-            except TimeoutError:
-                if request is not None and await request.is_disconnected():
-                    raise ClientGone() from None
+    async def next_event(self):
+        return await self.queue.get()
 
     async def collect(self, request: Request):
+        """Every event of every sequence. A client that disconnects meanwhile cancels them: the engine frees their
+        slots at its next step instead of generating up to max_tokens for nobody."""
+        gone = asyncio.Event()
+        watch = asyncio.create_task(_watch_disconnect(request, self, gone))
         done = 0
         try:
             while done < len(self.seqs):
-                i, ev = await self.next_event(request)
+                i, ev = await self.next_event()
                 self.events[i].append(ev)
                 done += "finish_reason" in ev
-        except (ClientGone, asyncio.CancelledError):
+        except asyncio.CancelledError:
             self.cancel()
             raise
+        finally:
+            watch.cancel()
+        if gone.is_set():  # nobody reads the answer; 499 (client closed request) keeps it out of the 5xx count
+            raise EngineError("the client closed the request", status=499, code="client_closed")
         for evs in self.events:
             reason = evs[-1]["finish_reason"]
             if reason == "abort":
@@ -294,8 +290,12 @@ class _Run:
                 raise EngineError(f"generation failed: {evs[-1].get('error')}", status=500, code="engine_error")
 
 
-class ClientGone(Exception):
-    pass
+async def _watch_disconnect(request: Request, run: _Run, gone: asyncio.Event):
+    """The body is read already, so the next ASGI message is the client's `http.disconnect`."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    gone.set()
+    run.cancel()
 
 
 def _sse(run: _Run, chunks) -> StreamingResponse:
@@ -303,8 +303,11 @@ def _sse(run: _Run, chunks) -> StreamingResponse:
         try:
             async for chunk in chunks:
                 yield f"data: {json.dumps(chunk)}\n\n"
-            yield "data: [DONE]\n\n"
+        except Exception as e:  # the headers are sent: the failure goes out as a final error event, not a cut
+            log.exception("stream failed")
+            yield f"data: {error_body(500, f'internal error: {type(e).__name__}').decode()}\n\n"
         finally:  # client went away or stream finished: free the batch slots either way
             run.cancel()
+        yield "data: [DONE]\n\n"
 
     return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -76,6 +76,7 @@ class Engine:
         self.batch = None  # (seqs, keys, values, pad) for the current membership
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._abort_at: float | None = None  # set by drain()
         self._thread = threading.Thread(target=self._run, name="serve-engine", daemon=True)
 
     # ---- called from the event loop -------------------------------------------------------------
@@ -87,6 +88,16 @@ class Engine:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout)
+
+    def drain(self, grace: float):
+        """Shutdown has begun: refuse new requests now; abort whatever still runs `grace` seconds from now, so
+        that its clients get a 503 or an SSE error event while their connections are still open."""
+        self._abort_at = time.monotonic() + max(grace, 0.0)
+        self._wake.set()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stop.is_set()
 
     def check(self, n_prompt: int, max_tokens: int):
         if n_prompt == 0:
@@ -103,7 +114,7 @@ class Engine:
 
     def submit(self, seqs: list[Sequence]):
         """Queue the n choices of one request (they share one prefill)."""
-        if self._stop.is_set():
+        if self._stop.is_set() or self._abort_at is not None:
             raise EngineError("server is shutting down", status=503, code="shutting_down")
         if self.waiting.qsize() >= self.max_queue:
             raise EngineError("too many queued requests, retry later", status=429, code="queue_full")
@@ -122,8 +133,7 @@ class Engine:
                     busy = self._step()
                 except Exception as e:  # thread boundary: fail the running requests, keep serving the others
                     log.exception("engine step failed")
-                    for s in self.active:
-                        self._finish(s, "error", error=str(e))
+                    self._fail(self.active, e)
                     self.active, self.batch = [], None
                     busy = True
                 if not busy:
@@ -132,6 +142,14 @@ class Engine:
         for s in self.active + self._drain_waiting():
             self._finish(s, "abort")
 
+    def _fail(self, seqs: list[Sequence], e: Exception):
+        message = " ".join(f"{type(e).__name__}: {e}".split())[:500]
+        for s in seqs:
+            try:
+                self._finish(s, "error", error=message)
+            except Exception:  # a sink whose event loop is gone must not take the engine down with it
+                log.exception("could not report the failure of a sequence")
+
     def _drain_waiting(self) -> list[Sequence]:
         out = []
         while not self.waiting.empty():
@@ -139,6 +157,11 @@ class Engine:
         return out
 
     def _step(self) -> bool:
+        if self._abort_at is not None and time.monotonic() >= self._abort_at:
+            for s in self.active:
+                s.cancelled = True
+            for s in self._drain_waiting():
+                self._finish(s, "abort")
         for s in self.active:
             if s.cancelled:
                 self._finish(s, "abort")
@@ -146,11 +169,18 @@ class Engine:
         admitted = False
         while not self.waiting.empty() and len(self.active) < self.max_batch:
             seqs = self.waiting.get_nowait()
-            seqs = [s for s in seqs if not s.cancelled]
+            for s in seqs:
+                if s.cancelled:  # abandoned while it waited: its client still gets a final event
+                    self._finish(s, "abort")
+            seqs = [s for s in seqs if not s.finished]
             if seqs:
                 if self.metrics:  # count them as running before their first token can reach a client
                     self.metrics.set_load(self.waiting.qsize(), len(self.active) + len(seqs))
-                self._prefill(seqs)
+                try:
+                    self._prefill(seqs)
+                except Exception as e:  # this request fails alone; the running batch goes on
+                    log.exception("prefill failed")
+                    self._fail(seqs, e)
                 self.active += [s for s in seqs if not s.finished]
                 admitted = True
         if self.metrics:

@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -137,3 +138,34 @@ class ServerProcess:
                 self.proc.wait(10)
         self.log.close()
         return self.proc.returncode
+
+
+class InProcessServer:
+    """uvicorn serving `app` in a thread of this process (for apps built around an in-process model);
+    `with InProcessServer(app) as url:`."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.url = f"http://127.0.0.1:{free_port()}"
+        port = int(self.url.rsplit(":", 1)[1])
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> str:
+        import requests
+
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                requests.get(self.url + "/health", timeout=2)
+                return self.url
+            except requests.ConnectionError:
+                time.sleep(0.05)
+        raise TimeoutError(f"in-process server not listening at {self.url}")
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(30)

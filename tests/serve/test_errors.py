@@ -74,44 +74,72 @@ def test_unknown_route_and_method(server):
     _assert_envelope(requests.get(server.url + "/v1/completions", timeout=5), 405)
 
 
-def test_fuzz_completions(server):
-    """Hypothesis-generated request bodies (valid field names, arbitrary JSON values): never a 5xx."""
+@pytest.fixture(scope="module")
+def keyed_server(xbit_dir):
+    srv = ServerProcess(xbit_dir, "--api-key", "s3cret", "--max-batch", "4", "--max-seq-len", "256")
+    yield srv
+    srv.stop()
+
+
+ENDPOINTS = [("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("POST", "/tokenize"),
+             ("POST", "/detokenize"), ("GET", "/v1/models"), ("GET", "/tokenizer_info"), ("GET", "/health"),
+             ("GET", "/metrics"), ("POST", "/v1/models"), ("GET", "/v1/nothing")]
+
+
+@pytest.mark.parametrize("keyed", [False, True], ids=["open", "keyed"])
+def test_fuzz_every_endpoint(request, keyed):
+    """Hypothesis-generated requests to every endpoint (valid field names, arbitrary JSON values, no key, a wrong
+    key or the right one): never a 5xx, always the error envelope, and the server serves normally after."""
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
+    srv = request.getfixturevalue("keyed_server" if keyed else "server")
     scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.integers(-3, 40),
-                        st.floats(allow_nan=False), st.text(max_size=30))
+                        st.floats(allow_nan=False), st.text(max_size=30),
+                        st.sampled_from(["\ud800", "a\udfffb", "\x00", "\u202e"]))  # lone surrogates too
     values = st.recursive(scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c,
                                                                                          max_size=3), max_leaves=8)
     fields = ["model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "n", "stream",
-              "stream_options", "logprobs", "echo", "messages", "ignore_eos"]
+              "stream_options", "logprobs", "echo", "messages", "ignore_eos", "tokens", "top_logprobs"]
     valid_prompt = st.one_of(st.text(max_size=40), st.lists(st.integers(0, 399), max_size=20))
     body = st.fixed_dictionaries({"prompt": valid_prompt, "max_tokens": st.integers(-2, 8)},
                                  optional={f: values for f in fields if f not in ("prompt", "max_tokens")})
+    keys = st.sampled_from([None, "Bearer s3cret", "Bearer wrong", "s3cret", "Bearer "])
     seen = {"cases": 0}
 
-    @settings(max_examples=300, deadline=None, derandomize=True, database=None,
+    @settings(max_examples=200, deadline=None, derandomize=True, database=None,
               suppress_health_check=list(HealthCheck))
-    @given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"]),
-           body=body | values)
-    def check(path, body):
+    @given(endpoint=st.sampled_from(ENDPOINTS), body=body | values, key=keys)
+    def check(endpoint, body, key):
         seen["cases"] += 1
-        r = requests.post(server.url + path, data=json.dumps(body), timeout=60,
-                          headers={"Content-Type": "application/json"})
-        assert r.status_code < 500, (path, body, r.status_code, r.text[:300])
+        method, path = endpoint
+        headers = {"Content-Type": "application/json", **({"Authorization": key} if key else {})}
+        r = requests.request(method, srv.url + path, data=json.dumps(body), headers=headers, timeout=60)
+        assert r.status_code < 500, (method, path, body, key, r.status_code, r.text[:300])
         if r.status_code >= 400:
             assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+        if keyed and key != "Bearer s3cret" and path != "/health":
+            assert r.status_code == 401
 
     check()
     print(f"\nfuzz: {seen['cases']} cases, no 5xx")
-    assert seen["cases"] >= 300
-    assert requests.get(server.url + "/health", timeout=5).status_code == 200
-    r = requests.post(server.url + "/v1/completions", json={"prompt": "The", "max_tokens": 3}, timeout=30)
+    assert seen["cases"] >= 200
+    auth = {"Authorization": "Bearer s3cret"} if keyed else {}
+    assert requests.get(srv.url + "/health", timeout=5).status_code == 200
+    r = requests.post(srv.url + "/v1/completions", json={"prompt": "The", "max_tokens": 3}, headers=auth, timeout=30)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+    assert _wait_idle(srv.url, auth) == 0
 
 
-def _running(server) -> float:
-    for line in requests.get(server.url + "/metrics", timeout=5).text.splitlines():
+def _wait_idle(url: str, headers: dict, seconds: float = 20) -> float:
+    deadline = time.monotonic() + seconds
+    while _running(url, headers) > 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return _running(url, headers)
+
+
+def _running(url: str, headers: dict | None = None) -> float:
+    for line in requests.get(url + "/metrics", headers=headers, timeout=5).text.splitlines():
         if line.startswith("xbit_running_sequences "):
             return float(line.split()[1])
     raise AssertionError("no xbit_running_sequences metric")
@@ -121,10 +149,7 @@ def test_client_disconnect_frees_slot(server):
     body = {"prompt": "The", "max_tokens": 250, "stream": True, "ignore_eos": True}
     with requests.post(server.url + "/v1/completions", json=body, stream=True, timeout=30) as r:
         next(r.iter_lines())  # generation is running
-    deadline = time.monotonic() + 20
-    while _running(server) > 0 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert _running(server) == 0
+    assert _wait_idle(server.url, {}) == 0
 
 
 def test_api_key_and_graceful_shutdown(tmp_path):
