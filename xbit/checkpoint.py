@@ -161,7 +161,9 @@ def save(model, tokenizer, out_dir, quantization_config: dict, report: dict, flo
     on disk (headers included).
 
     Everything is written to a temporary folder beside `out_dir` (`.NAME.tmp-PID-HOST-XXXXXXXX`) and renamed into
-    place at the end, so an interrupted or failed save never leaves a folder under the output name. A save that is
+    place at the end, so an interrupted or failed save never leaves a folder under the output name. With
+    `overwrite`, the old checkpoint is renamed aside first and removed after the new one is in place (restored if
+    that rename fails). A save that is
     killed outright (SIGKILL) cannot remove its temporary folder: the next save to the same output removes every
     such folder whose process (on this host) no longer exists, and keeps those of live concurrent saves. The
     folder and its files get the permissions the umask gives a plain mkdir and open() (0755 / 0644 under 022).
@@ -172,6 +174,7 @@ def save(model, tokenizer, out_dir, quantization_config: dict, report: dict, flo
     remove_stale_tmp(out_dir)
     tensors = state_dict_to_store(model, float_dtype)
     tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix(out_dir.name), dir=out_dir.parent))
+    aside = tmp.with_name(tmp.name + ".old")
     try:
         config = model.config.to_dict()
         config["quantization_config"] = quantization_config
@@ -195,12 +198,15 @@ def save(model, tokenizer, out_dir, quantization_config: dict, report: dict, flo
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=1))
         written = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
         _normal_permissions(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
+        if out_dir.exists():  # the old checkpoint goes aside (named like tmp, so that a kill here leaves it to
+            os.replace(out_dir, aside)  # remove_stale_tmp) and is removed only once the new one is in place
         os.replace(tmp, out_dir)
     except BaseException:
+        if aside.exists() and not out_dir.exists():
+            os.replace(aside, out_dir)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    shutil.rmtree(aside, ignore_errors=True)
     return written
 
 
@@ -277,6 +283,28 @@ def validate(checkpoint_files, expected: dict[str, tuple[tuple, torch.dtype]]) -
         if dtype is not None and fdtype != dtype:
             raise CheckpointError(f"tensor {name} has dtype {fdtype}, expected {dtype}")
     return files
+
+
+def check_spec(name: str, spec) -> None:
+    """One layer's entry of quantization_config["layers"], before any shape is computed from it: positive sizes,
+    columns per depth 0..8 that add up to the inputs, a positive group size, a rotation block that tiles the inputs."""
+
+    def fail(why: str):
+        raise CheckpointError(f"quantization_config: layer {name}: {why}")
+
+    if not isinstance(spec, dict):
+        fail("not a JSON object")
+    for key in ("in", "out", "group_size"):
+        if not _is_count(spec.get(key)) or spec[key] == 0:
+            fail(f"{key} is {spec.get(key)!r}, expected a positive integer")
+    counts = spec.get("counts")
+    if not (isinstance(counts, list) and len(counts) == MAX_BITS + 1 and all(map(_is_count, counts))):
+        fail(f"counts is {counts!r}, expected {MAX_BITS + 1} column counts (one per bit depth 0..{MAX_BITS})")
+    if sum(counts) != spec["in"]:
+        fail(f"counts add up to {sum(counts)} columns, the layer has {spec['in']}")
+    block = spec.get("rotation_block", 0)
+    if not _is_count(block) or (block and (block & (block - 1) or spec["in"] % block)):
+        fail(f"rotation_block is {block!r}, expected 0 or a power of two dividing {spec['in']}")
 
 
 def check_values(name: str, m: XbitLinear, files: dict[str, str] | None = None):

@@ -28,6 +28,14 @@ def layer_spec(m: XbitLinear) -> dict:
     return spec
 
 
+def _submodule(model, name: str):
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise checkpoint.CheckpointError(f"quantization_config names {name}, which this model does not have "
+                                         f"({type(model).__name__})") from None
+
+
 def _build(name: str, old, spec: dict):
     """The empty xbit module that replaces `old` before the packed tensors load."""
     if spec.get("kind") == "embedding":
@@ -67,10 +75,13 @@ class XbitHfQuantizer(HfQuantizer):
         checkpoint.check_version(cfg.to_dict())
         if getattr(cfg, "split_experts", False):  # the checkpoint holds one linear per expert (xbit.moe)
             split_experts(model, empty=True)
+        if not isinstance(cfg.layers, dict):
+            raise checkpoint.CheckpointError("quantization_config: layers is not a JSON object")
         for name, spec in cfg.layers.items():
-            set_submodule(model, name, _build(name, model.get_submodule(name), spec))
+            checkpoint.check_spec(name, spec)
+            set_submodule(model, name, _build(name, _submodule(model, name), spec))
         for head, table in (getattr(cfg, "tied", None) or {}).items():  # one stored table serves both
-            emb = model.get_submodule(table)
+            emb = _submodule(model, table)
             if not isinstance(emb, XbitEmbedding):
                 raise checkpoint.CheckpointError(f"{head} is tied to {table}, which is not a quantized embedding")
             set_submodule(model, head, XbitTiedHead(emb))

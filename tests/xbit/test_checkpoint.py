@@ -327,3 +327,57 @@ def test_saved_folder_and_files_follow_the_umask(tmp_path):
     files = list((tmp_path / "p").iterdir())
     assert {"model.safetensors", "config.json"} <= {f.name for f in files}
     assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in files} == {f.name: 0o640 for f in files}
+
+
+def test_overwrite_swaps_the_new_checkpoint_in_and_keeps_the_old_one_if_that_fails(tmp_path, monkeypatch):
+    model, qc, rep = quantized_tiny()
+    out = tmp_path / "out"
+    checkpoint.save(model, None, out, qc, rep)
+    before = (out / "model.safetensors").read_bytes()
+    (out / "marker.txt").write_text("old")
+    real_replace, calls = os.replace, []
+
+    def failing_second_rename(src, dst):  # the new folder cannot be renamed into place (disk full, say)
+        calls.append((src, dst))
+        if len(calls) == 2:
+            raise OSError("simulated failure")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", failing_second_rename)
+    with pytest.raises(OSError, match="simulated"):
+        checkpoint.save(model, None, out, qc, rep, overwrite=True)
+    monkeypatch.undo()
+    assert (out / "marker.txt").read_text() == "old" and (out / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    checkpoint.save(model, None, out, qc, rep, overwrite=True)  # and without the failure: replaced, nothing left
+    assert not (out / "marker.txt").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def _edit_layer(key, value):
+    def edit(qc):
+        qc["layers"][LAYER][key] = value
+    return edit
+
+
+def _rename_layer(qc):
+    qc["layers"]["model.layers.9.mlp.up_proj"] = qc["layers"].pop(LAYER)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_edit_layer("group_size", 0), rf"layer {LAYER}: group_size is 0, expected a positive integer"),
+    (_edit_layer("in", -64), rf"layer {LAYER}: in is -64"),
+    (_edit_layer("counts", [0, 0, 0, 64]), rf"layer {LAYER}: counts is \[0, 0, 0, 64\], expected 9 column counts"),
+    (_edit_layer("counts", [0, 0, 0, 60, 0, 0, 0, 0, 0]), rf"layer {LAYER}: counts add up to 60 columns, the "
+                                                            "layer has 64"),
+    (_edit_layer("rotation_block", 3), rf"layer {LAYER}: rotation_block is 3"),
+    (_rename_layer, r"names model.layers.9.mlp.up_proj, which this model does not have"),
+    (lambda qc: qc.update(layers=[1, 2]), r"layers is not a JSON object"),
+])
+def test_damaged_quantization_config_is_one_checkpoint_error(saved, edit, message):
+    """group_size 0 used to be a ZeroDivisionError, a layer the model lacks an AttributeError."""
+    _, out = saved
+    cfg = json.loads((out / "config.json").read_text())
+    edit(cfg["quantization_config"])
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=message):
+        xbit.load(out, device="cpu")
