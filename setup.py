@@ -15,7 +15,7 @@ from setuptools.command.editable_wheel import editable_wheel
 from setuptools.errors import CompileError, ExecError, LinkError, PlatformError
 
 SRC = "cpu_fallback/csrc"
-HEADERS = [f"{SRC}/xbit_cpu.h", f"{SRC}/simd_impl.inc"]
+HEADERS = [f"{SRC}/xbit_cpu.h", f"{SRC}/simd_impl.inc", f"{SRC}/byte_layout.h"]
 X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 COMMON = ["-std=c++17", "-O3", "-g0", "-fPIC"] + (["-DXBIT_HAVE_X86_SIMD"] if X86 else [])
 # Each ISA gets its own translation unit and flags; api.cpp picks one at run time with __builtin_cpu_supports.

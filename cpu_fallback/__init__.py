@@ -1,9 +1,10 @@
 """CPU kernel for x-bit linears: C++/OpenMP SIMD (AVX-512 VNNI, AVX-512, AVX2+FMA, scalar) through ctypes.
 
 `CpuKernel` follows the xbit.dispatch interface. Environment:
-  XBIT_CPU_ISA=scalar|avx2|avx512|avx512vnni   force a code path (default: the best the CPU supports; avx512vnni
-                                    quantizes x to ~15 bits per group for batches of 1..4 rows, see
-                                    csrc/kernel_avx512vnni.cpp)
+  XBIT_CPU_ISA=scalar|avx2|avx2int|avx512|avx512vnni   force a code path (default: the best the CPU supports;
+                                    avx512vnni and avx2int quantize x to ~15 bits per group for batches of 1..4 rows
+                                    and multiply in integers, see csrc/kernel_avx512vnni.cpp, csrc/kernel_avx2.cpp;
+                                    avx512 and avx2 are their float paths)
   XBIT_CPU_THREADS=N                OpenMP threads (default: torch.get_num_threads(), 1 for tiny products)
 Imports nothing of xbit: a layer is anything with the XbitLinear buffers (qweight, scales, zeros, perm, bits,
 group_size, bias; a layer stored in a rotated basis also has rotation_block and signs()).

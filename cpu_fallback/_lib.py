@@ -4,7 +4,7 @@ import ctypes
 import importlib.machinery
 from pathlib import Path
 
-ISAS = {"scalar": 0, "avx2": 1, "avx512": 2, "avx512vnni": 3}
+ISAS = {"scalar": 0, "avx2": 1, "avx512": 2, "avx512vnni": 3, "avx2int": 4}
 _NAME = "_xbit_cpu"
 _P, _I32, _I64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
 

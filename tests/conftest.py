@@ -11,6 +11,17 @@ import pytest  # noqa: E402
 from tests.tiny import tiny_llama, tiny_tokenizer  # noqa: E402
 
 
+def pytest_terminal_summary(terminalreporter):
+    """Which kernel paths this machine ran (CI logs say what was tested, and what skipped for want of it); printed
+    at the end, where `pytest -q` still shows it."""
+    import cpu_fallback
+
+    ok, why = cpu_fallback.available()
+    paths = ", ".join(cpu_fallback.supported_isas()) if ok else f"none ({why})"
+    terminalreporter.write_line(f"xbit CPU kernel paths on this machine: {paths}; default "
+                                f"{cpu_fallback.best_isa() if ok else '-'}")
+
+
 @pytest.fixture
 def tiny_model_dir(tmp_path):
     """A float tiny Llama + tokenizer saved as a Hugging Face folder."""

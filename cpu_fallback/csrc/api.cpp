@@ -14,14 +14,14 @@
 
 namespace {
 
-enum Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Vnni = 3 };
+enum Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Vnni = 3, kAvx2Int = 4 };
 
 bool isa_supported(int isa) {
   if (isa == kScalar) return true;
 #if defined(XBIT_HAVE_X86_SIMD)
   __builtin_cpu_init();
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (isa == kAvx2) return avx2;
+  if (isa == kAvx2 || isa == kAvx2Int) return avx2;
   const bool avx512 = avx2 && __builtin_cpu_supports("avx512f");
   if (isa == kAvx512) return avx512;
 #if !defined(XBIT_NO_VNNI)  // (set by setup.py when the compiler could not build kernel_avx512vnni.cpp)
@@ -42,6 +42,7 @@ RangeFn range_fn(int isa) {
 #endif
   if (isa == kAvx512) return xbit::range_avx512;
   if (isa == kAvx2) return xbit::range_avx2;
+  if (isa == kAvx2Int) return xbit::range_avx2int;
 #endif
   return xbit::range_scalar;
 }
@@ -79,7 +80,7 @@ extern "C" {
 int xbit_cpu_isa_supported(int isa) { return isa_supported(isa) ? 1 : 0; }
 
 int xbit_cpu_best_isa(void) {
-  for (int isa : {kAvx512Vnni, kAvx512, kAvx2})
+  for (int isa : {kAvx512Vnni, kAvx512, kAvx2Int})
     if (isa_supported(isa)) return isa;
   return kScalar;
 }
@@ -156,11 +157,13 @@ int xbit_cpu_matmul(int isa, int threads, const void* x, int x_bf16, int64_t M, 
   // every element of these is written below (padding included): no value-initialisation
   std::unique_ptr<float[]> xp(new float[size_t(M * Kp)]), gsum(new float[size_t(M * ngroups)]);
   xbit::Args a{xp.get(), gsum.get(), qweight, scales, zeros, segs.data(), y, N, Kp, ngroups, nseg, group_size};
-  // the VNNI GEMV also wants x quantized to bytes; larger batches and huge groups take the float kernels
+  // the integer GEMVs (VNNI, AVX2) also want x quantized to bytes; larger batches and huge groups take the float
+  // kernels
   const bool vnni = isa == kAvx512Vnni && M <= 4 && group_size <= xbit::kVnniMaxGroup;
-  std::unique_ptr<int8_t[]> xq(vnni ? new int8_t[size_t(M * Kp / xbit::kBlock * 128)] : nullptr);
-  std::unique_ptr<float[]> xs(vnni ? new float[size_t(2 * M * ngroups)] : nullptr);
-  if (vnni) a.xq = xq.get(), a.xs = xs.get();
+  const bool bytes = vnni || (isa == kAvx2Int && M <= 4 && group_size <= xbit::kVnniMaxGroup);
+  std::unique_ptr<int8_t[]> xq(bytes ? new int8_t[size_t(M * Kp / xbit::kBlock * 128)] : nullptr);
+  std::unique_ptr<float[]> xs(bytes ? new float[size_t(2 * M * ngroups)] : nullptr);
+  if (bytes) a.xq = xq.get(), a.xs = xs.get();
   const RangeFn fn = range_fn(isa);
 
   // Gather items: one group of one row each (segment, first column), so a batch-1 call splits them too.
@@ -211,6 +214,7 @@ int xbit_cpu_matmul(int isa, int threads, const void* x, int x_bf16, int64_t M, 
 #if defined(XBIT_HAVE_X86_SIMD) && !defined(XBIT_NO_VNNI)
       if (vnni) xbit::quantize_group_vnni(a, m, segs[i], c0 / xbit::kBlock, g, xq.get(), xs.get());
 #endif
+      if (bytes && !vnni) xbit::quantize_group_bytes(a, m, segs[i], c0 / xbit::kBlock, g, xq.get(), xs.get());
     }
 #pragma omp for schedule(static)
     for (int64_t it = 0; it < items; ++it) {

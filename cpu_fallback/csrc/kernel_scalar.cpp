@@ -1,7 +1,9 @@
 // Portable path: no SIMD intrinsics (the compiler may still auto-vectorise). Also serves the column
 // tails (N not a multiple of the vector width) of the SIMD paths, so it takes any column range.
 #include <algorithm>
+#include <cmath>
 
+#include "byte_layout.h"
 #include "xbit_cpu.h"
 
 namespace xbit {
@@ -60,6 +62,37 @@ void seg_scalar(const Args& a, const Seg& s, int64_t n0, int nw, int64_t m0, int
 }
 
 }  // namespace
+
+void quantize_group_bytes(const Args& a, int64_t m, const Seg& s, int b0, int64_t g, int8_t* xq, float* xs) {
+  // the same numbers as quantize_group_vnni, one element at a time: nearbyint rounds half to even, as the vector
+  // conversion does under the default rounding mode
+  const Layout& lay = kLayouts[s.bits];
+  const int nblk = (s.cols + kBlock - 1) / kBlock, b1 = std::min(nblk, b0 + a.group_size / kBlock);
+  const float* x = a.xp + m * a.Kp + s.xoff;
+  xq += m * (a.Kp / kBlock * kXqBlock) + int64_t(s.xoff / kBlock) * kXqBlock;
+  float amax = 0.0f;
+  for (int c = b0 * kBlock; c < b1 * kBlock; ++c) amax = std::isnan(x[c]) ? x[c] : std::max(amax, std::fabs(x[c]));
+  const float inv = amax > 0.0f && amax <= 3.4e38f ? kQMax / amax : 0.0f;  // NaN and inf reach y through scale
+  int64_t qsum = 0;
+  for (int blk = b0; blk < b1; ++blk) {
+    int8_t hl[2 * kBlock];  // [32 hi | 32 lo] in column order
+    for (int c = 0; c < kBlock; ++c) {
+      const int q = int(std::max(-float(kQMax), std::min(float(kQMax), std::nearbyint(x[blk * kBlock + c] * inv))));
+      const int hi = (q + 128) >> 8;
+      qsum += q;
+      hl[c] = int8_t(hi);
+      hl[kBlock + c] = int8_t(q - 256 * hi);
+    }
+    int8_t* out = xq + blk * kXqBlock;
+    for (int i = 0; i < 64; ++i) {
+      const bool valid = (lay.valid >> i) & 1;
+      out[i] = valid ? hl[lay.idx[i]] : 0;
+      out[64 + i] = valid ? hl[kBlock + lay.idx[i]] : 0;
+    }
+  }
+  xs[2 * (m * a.ngroups + g)] = amax / kQMax;
+  xs[2 * (m * a.ngroups + g) + 1] = amax / kQMax * float(qsum);
+}
 
 void range_scalar(const Args& a, int64_t n0, int64_t n1, int64_t m0, int mc) {
   for (int64_t n = n0; n < n1; n += kLanes) {

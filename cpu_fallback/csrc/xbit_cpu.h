@@ -24,7 +24,7 @@ struct Args {
   float* y;              // [M, N] float32, accumulated into (zeroed by the caller)
   int64_t N, Kp, ngroups;
   int32_t nseg, group_size;  // group_size is a multiple of 32
-  // avx512vnni GEMV only (nullptr otherwise): x quantized by quantize_group_vnni
+  // integer GEMVs only (avx512vnni, avx2; nullptr otherwise): x quantized by quantize_group_vnni/_bytes
   const int8_t* xq = nullptr;  // [M, Kp / 32 * 128] bytes
   const float* xs = nullptr;   // [M, ngroups, 2]: scale of the group's quantized x, and its sum
 };
@@ -32,12 +32,15 @@ struct Args {
 // Each ISA computes y[m0:m0+mc, n0:n1] for all segments; mc <= kMaxRows.
 void range_scalar(const Args& a, int64_t n0, int64_t n1, int64_t m0, int mc);
 void range_avx2(const Args& a, int64_t n0, int64_t n1, int64_t m0, int mc);
+void range_avx2int(const Args& a, int64_t n0, int64_t n1, int64_t m0, int mc);  // M <= 4 needs a.xq
 void range_avx512(const Args& a, int64_t n0, int64_t n1, int64_t m0, int mc);
 void range_avx512vnni(const Args& a, int64_t n0, int64_t n1, int64_t m0, int mc);  // M <= 4 needs a.xq
 
 // One group (blocks b0.. of segment s, group index g) of activation row m of a.xp into the avx512vnni byte
 // layout; xq, xs as in Args (all rows).
 void quantize_group_vnni(const Args& a, int64_t m, const Seg& s, int b0, int64_t g, int8_t* xq, float* xs);
+// The same for the integer AVX2 GEMV, in portable code (the layout and numbers of quantize_group_vnni).
+void quantize_group_bytes(const Args& a, int64_t m, const Seg& s, int b0, int64_t g, int8_t* xq, float* xs);
 constexpr int kVnniMaxGroup = 65536;  // int32 accumulators of one group: 255 * 128 * group_size < 2^31
 
 }  // namespace xbit

@@ -5,9 +5,9 @@ layer, odd shapes, partial groups.
 Tolerances, on ||y - y_ref|| / ||y_ref||: float32 1e-5 (observed ~4e-7: only the summation order differs);
 bfloat16 2e-2 against the bf16 reference (which itself rounds the weights to bf16) and 5e-3 against the float32
 reference on the same inputs (the kernel computes in float32 and rounds only the output).
-The avx512vnni GEMV (batch <= 4) quantizes x to ~15 bits per (row, group) (int16 split into two int8 halves
-for vpdpbusd): float32 1e-4 there (observed 1.8e-5 to 3.2e-5 on these Gaussian inputs); batch > 4 runs the
-float GEMM of avx512 and keeps 1e-5.
+The integer GEMVs (batch <= 4: avx512vnni at every depth, avx2int at 1, 2, 4 and 8 bits) quantize x to ~15 bits per
+(row, group) (int16 split into two int8 halves for vpdpbusd / vpmaddubsw): float32 1e-4 there (observed 1.8e-5 to
+3.2e-5 on these Gaussian inputs); batch > 4 runs the float GEMMs and keeps 1e-5.
 """
 
 import functools
@@ -55,7 +55,7 @@ def rel_err(y, y_ref):
 
 
 def f32_tol(isa: str, batch: int) -> float:
-    return 1e-4 if isa == "avx512vnni" and batch <= 4 else 1e-5
+    return 1e-4 if isa in ("avx512vnni", "avx2int") and batch <= 4 else 1e-5
 
 
 @needs_lib
@@ -144,6 +144,24 @@ def test_vnni_is_the_default_where_supported_and_close_to_avx512():
     x[0, 3] = 0.0
     x[0, 7] = float("inf")  # non-finite x stays non-finite, as in the float paths
     assert not cf.matmul(x, layer, isa="avx512vnni").isfinite().all()
+
+
+@needs_lib
+@pytest.mark.skipif("avx2int" not in ISAS, reason=f"this CPU has no avx2int path (supported: {ISAS})")
+@pytest.mark.parametrize("batch", [1, 2, 4])
+def test_avx2_integer_gemv_is_the_vnni_arithmetic_and_keeps_non_finite_x(batch):
+    """At 1, 2, 4 and 8 bits the AVX2 GEMV multiplies the same ~15-bit quantized x by the codes in integers
+    (vpmaddubsw) as the VNNI kernel does (vpdpbusd): where both run, bit-identical outputs; everywhere, within the
+    quantization of x of the float kernel (and of the reference, test_float32_matches_reference)."""
+    for layout in ("u1", "u2", "u4", "u8"):
+        layer = make_layer(layout, 64, out=192)  # whole tiles of both kernels (tails take the float path)
+        x = torch.randn(batch, IN, generator=torch.Generator().manual_seed(batch))
+        y = cf.matmul(x, layer, threads=2, isa="avx2int")
+        assert 1e-7 < rel_err(y, reference(x, layer)) < 1e-4, layout  # not the float path: x was quantized
+        if "avx512vnni" in ISAS:
+            assert torch.equal(y, cf.matmul(x, layer, threads=2, isa="avx512vnni")), layout
+        x[0, 7] = float("inf")
+        assert not cf.matmul(x, layer, isa="avx2int")[0].isfinite().all()
 
 
 @needs_lib
