@@ -44,7 +44,9 @@ def build_layer(out: int, in_features: int, fractions: dict, group_size: int, de
     counts = mix_counts(fractions, in_features)
     bits = torch.cat([torch.full((c,), b, dtype=torch.uint8) for b, c in enumerate(counts)])
     bits = bits[torch.randperm(in_features, generator=g)]
-    perm = torch.argsort(-(bits.long() * 1000) + torch.randperm(in_features, generator=g), stable=True)
+    # storage order: columns shuffled, then sorted by depth (stable), so that each depth is one contiguous run
+    shuffle = torch.randperm(in_features, generator=g)
+    perm = shuffle[torch.argsort(-bits[shuffle].long(), stable=True)]
     weight = torch.randn(out, in_features, generator=g).to(device) * 0.02
     tensors = quantize_weight_rtn(weight, bits.to(device), perm.to(device), group_size)
     return XbitLinear.from_tensors(tensors, None, group_size)

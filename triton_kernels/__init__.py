@@ -60,10 +60,9 @@ def segment_table(bits: torch.Tensor, perm: torch.Tensor, group_size: int) -> to
 
 
 def bit_key(counts) -> int:
-    """Autotune key for a layer's bit mix: which depths are present and the mean bits (in 1/4 bits)."""
-    total = max(sum(counts), 1)
-    mask = sum(1 << b for b, c in enumerate(counts) if c > 0)
-    return (mask << 8) | round(4 * sum(b * c for b, c in enumerate(counts)) / total)
+    """Autotune key for a layer's bit mix: the set of depths present (bit b set for depth b). Not the mean bits:
+    layers with the same shape and depths share one tuning result."""
+    return sum(1 << b for b, c in enumerate(counts) if c > 0 and b > 0)
 
 
 # ---------------------------------------------------------------- the op (torch.compile / CUDA graphs)
@@ -110,15 +109,21 @@ class TritonKernel:
     name = "triton"
 
     @staticmethod
-    def can_run(layer, x: torch.Tensor):
+    def can_run(layer, x: torch.Tensor | None = None):
+        """(True, "") if the kernels can run this layer (and this input, when given), else (False, why)."""
         ok, why = triton_available()
         if not ok:
             return False, why
-        if x.device.type != "cuda":
-            if not (x.device.type == "cpu" and _interpret_env()):
-                return False, f"input is on {x.device.type}, not CUDA (TRITON_INTERPRET=1 XBIT_TRITON_CPU=1 for the interpreter)"
+        device = layer.qweight.device if x is None else x.device
+        if device.type != "cuda":
+            if not (device.type == "cpu" and _interpret_env()):
+                what = "layer" if x is None else "input"
+                return False, (f"{what} is on {device.type}, not CUDA "
+                               "(TRITON_INTERPRET=1 XBIT_TRITON_CPU=1 for the interpreter)")
             if "triton_kernels.matmul" in sys.modules and not _kernels().INTERPRET:
                 return False, "kernels were built for the GPU before TRITON_INTERPRET=1 was set"
+        if x is None:
+            return True, ""
         if x.dtype not in DTYPES:
             return False, f"dtype {x.dtype} not supported (float16, bfloat16, float32)"
         if layer.qweight.device != x.device:

@@ -1,7 +1,9 @@
 """The one dispatch point between XbitLinear and the kernels.
 
 Each kernel has `can_run(layer, x) -> (bool, reason)` and `run(x, layer) -> y`. The first kernel in
-`KERNELS` that can run is used; the reference (dequantize, then matmul) can always run and is last.
+`KERNELS` that can run is used; the reference (dequantize, then matmul) can always run and is last. The choice is
+made once per layer and kind of input (device, dtype, features, autograd) and kept on the layer, not re-made on
+every forward; `reset(layer)` forgets it (after changing the environment a kernel reads, e.g. XBIT_CPU_ISA).
 A layer stored in a rotated basis (layer.rotation_block > 0) needs R^T x: `xbit.rotation.rotate` here, unless the
 kernel applies it itself (`fuses_rotation = True`).
 """
@@ -42,8 +44,30 @@ def choose(layer, x: torch.Tensor):
     raise RuntimeError("no xbit kernel can run this layer: " + "; ".join(reasons))
 
 
+def _key(layer, x: torch.Tensor):
+    # everything a can_run may look at that can change between calls (KERNELS: tests replace the list)
+    return (x.device, x.dtype, x.shape[-1], x.requires_grad and torch.is_grad_enabled(), layer.qweight.device,
+            layer.group_size, tuple(KERNELS))
+
+
+def chosen(layer, x: torch.Tensor):
+    """The kernel for this layer and this kind of input, chosen on first use and cached on the layer."""
+    key = _key(layer, x)
+    cached = layer.__dict__.get("_xbit_kernel")
+    if torch.compiler.is_compiling() and (cached is None or cached[0] != key):
+        return choose(layer, x)[0]  # no side effects while tracing
+    if cached is None or cached[0] != key:
+        cached = (key, choose(layer, x)[0])
+        layer.__dict__["_xbit_kernel"] = cached
+    return cached[1]
+
+
+def reset(layer) -> None:
+    layer.__dict__.pop("_xbit_kernel", None)
+
+
 def matmul(x: torch.Tensor, layer) -> torch.Tensor:
-    kernel, _ = choose(layer, x)
+    kernel = chosen(layer, x)
     if getattr(layer, "rotation_block", 0) and not getattr(kernel, "fuses_rotation", False):
         x = rotate(x, layer.signs(), layer.rotation_block)
     return kernel.run(x, layer)

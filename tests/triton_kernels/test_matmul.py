@@ -102,11 +102,13 @@ def test_odd_mixed_layer(dtype, m, bias):
     check(run_poisoned(x, layer), reference(x, layer), dtype)
 
 
-# every depth in one layer; group sizes that are / are not multiples of BLOCK_K (row vs gathered scales);
-# split-K runs that start inside segments, more splits than tiles, GEMV / dot decode / GEMM tiles
+# every depth in one layer; group sizes that hold whole tiles, whole 32-column blocks, or neither (48: scale and
+# zero per code); split-K runs that start inside segments, more splits than tiles; GEMV (M == 1, no BLOCK_M),
+# decode tl.dot tiles and GEMM tiles
 CONFIGS = [
-    dict(BLOCK_M=1, BLOCK_N=32, BLOCK_K=32, SPLIT_K=3),
-    dict(BLOCK_M=1, BLOCK_N=128, BLOCK_K=128, SPLIT_K=16),
+    dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=3),
+    dict(BLOCK_N=128, BLOCK_K=128, SPLIT_K=16),
+    dict(BLOCK_N=64, BLOCK_K=64, SPLIT_K=1),
     dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, SPLIT_K=5),
     dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=1),
     dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, SPLIT_K=1),
@@ -114,11 +116,15 @@ CONFIGS = [
 ALL = [3, 33, 5, 40, 9, 64, 1, 31, 20]  # in = 206, every depth 1..8, odd column counts
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "m{BLOCK_M}n{BLOCK_N}k{BLOCK_K}s{SPLIT_K}".format(**c))
+def _cfg_id(c):
+    return ("m{BLOCK_M}".format(**c) if "BLOCK_M" in c else "gemv") + "n{BLOCK_N}k{BLOCK_K}s{SPLIT_K}".format(**c)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=_cfg_id)
 @pytest.mark.parametrize("group_size", [48, 64, 128])
 def test_all_depths_configs(config, group_size):
     layer = make_layer(70, ALL, group_size=group_size, bias=True, seed=group_size)
-    m = 3 if config["SPLIT_K"] > 1 else 20
+    m = 1 if "BLOCK_M" not in config else 3 if config["SPLIT_K"] > 1 else 20
     x = torch.randn(m, 206, generator=torch.Generator().manual_seed(7)).half()
     check(run_poisoned(x, layer, config=config), reference(x, layer), torch.float16)
 
