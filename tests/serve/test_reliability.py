@@ -192,7 +192,7 @@ def test_engine_failures_fail_one_request_and_the_server_goes_on(xbit_dir):
             assert events[-1]["error"]["code"] == "error" and r.text.rstrip().endswith("data: [DONE]")
             assert complete([5, 6, 9], 4).json()["usage"]["completion_tokens"] == 4  # the next request is served
         assert requests.get(url + "/health", timeout=5).json() == {"status": "ok"}
-        assert _running(url) == 0
+        assert _wait_idle(url, 3) == 0  # the gauge is refreshed by the engine's next (idle) step
         app.state.serve.engine.stop()  # an engine that is gone is not healthy, and requests say so
         assert requests.get(url + "/health", timeout=5).status_code == 503
         _envelope(complete([5, 6], 2), 503)
