@@ -104,3 +104,22 @@ def interleave(ws, NB: tl.constexpr, BLOCK_N: tl.constexpr):
     t = level[0]  # [NB, BLOCK_N, 2 (j & 16), 2 (j & 8), 2, 2, 2 (j & 1)]
     t = tl.permute(t, (0, 2, 3, 4, 5, 6, 1))
     return tl.reshape(t, (NB * 32, BLOCK_N))
+
+
+@triton.jit
+def split_range(seg_ptr, pid_k, SPLIT_K, BLOCK_K: tl.constexpr):
+    """The tiles [lo, hi) of split pid_k: tiles of BLOCK_K storage columns, counted over the 8 rows of the segment
+    table in table order, cut into SPLIT_K equal runs."""
+    total = 0
+    for i in range(8):
+        total += (tl.load(seg_ptr + i * 5 + 2) + BLOCK_K - 1) // BLOCK_K
+    per = (total + SPLIT_K - 1) // SPLIT_K
+    lo = pid_k * per
+    return lo, tl.minimum(lo + per, total)
+
+
+@triton.jit
+def segment_row(seg_ptr, i):
+    """Row i of the segment table (triton_kernels.segment_table): bits, start, cols, word_start, group_start."""
+    row = seg_ptr + i * 5
+    return tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4)

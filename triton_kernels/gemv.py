@@ -21,7 +21,7 @@ Group sizes that are not a multiple of 32 fall back to a per-code scale and zero
 import triton
 import triton.language as tl
 
-from .codes import bitrev5, code_float, columns, ends_in, x_factor
+from .codes import bitrev5, code_float, columns, ends_in, segment_row, split_range, x_factor
 
 
 @triton.jit
@@ -115,21 +115,12 @@ def xbit_gemv_kernel(x_ptr, perm_ptr, qw_ptr, s_ptr, z_ptr, seg_ptr, bias_ptr, y
     n_mask = offs_n < N
     one = one_bits.to(tl.uint32)
 
-    total = 0
-    for i in range(8):
-        total += (tl.load(seg_ptr + i * 5 + 2) + BLOCK_K - 1) // BLOCK_K
-    per = (total + SPLIT_K - 1) // SPLIT_K
-    lo = pid_k * per
-    hi = tl.minimum(lo + per, total)
+    lo, hi = split_range(seg_ptr, pid_k, SPLIT_K, BLOCK_K)
 
     acc = tl.zeros((BLOCK_K // 32, BLOCK_N), dtype=tl.float32)
     t0 = 0
     for i in range(8):
-        bits = tl.load(seg_ptr + i * 5)
-        start = tl.load(seg_ptr + i * 5 + 1)
-        cols = tl.load(seg_ptr + i * 5 + 2)
-        word_start = tl.load(seg_ptr + i * 5 + 3)
-        group_start = tl.load(seg_ptr + i * 5 + 4)
+        bits, start, cols, word_start, group_start = segment_row(seg_ptr, i)
         nt = (cols + BLOCK_K - 1) // BLOCK_K
         a = tl.maximum(lo, t0) - t0
         b = tl.minimum(hi, t0 + nt) - t0
