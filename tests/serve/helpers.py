@@ -88,6 +88,35 @@ def make_float_dir(out_dir: Path) -> Path:
     return out_dir
 
 
+def error_envelope(r, status: int | None = None) -> dict:
+    """The OpenAI error body of response `r`, checked: status `status` (any 4xx if None), all four fields."""
+    if status is None:
+        assert 400 <= r.status_code < 500, (r.status_code, r.text[:300])
+    else:
+        assert r.status_code == status, (r.status_code, r.text[:300])
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    return err
+
+
+def running(url: str, headers: dict | None = None) -> float:
+    """The server's xbit_running_sequences gauge."""
+    import requests
+
+    for line in requests.get(url + "/metrics", headers=headers, timeout=5).text.splitlines():
+        if line.startswith("xbit_running_sequences "):
+            return float(line.split()[1])
+    raise AssertionError("no xbit_running_sequences metric")
+
+
+def wait_idle(url: str, headers: dict | None = None, seconds: float = 20) -> float:
+    """The gauge once it reads 0, or after `seconds` (the engine refreshes it at its next, possibly idle, step)."""
+    deadline = time.monotonic() + seconds
+    while running(url, headers) > 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return running(url, headers)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -2,12 +2,11 @@
 
 import json
 import signal
-import time
 
 import pytest
 import requests
 
-from tests.serve.helpers import ServerProcess, make_rtn_dir
+from tests.serve.helpers import ServerProcess, error_envelope, make_rtn_dir, wait_idle
 
 BAD_BODIES = [
     {},  # missing prompt
@@ -36,18 +35,10 @@ BAD_BODIES = [
 ]
 
 
-def _assert_envelope(r, status=None):
-    assert 400 <= r.status_code < 500, (r.status_code, r.text)
-    if status:
-        assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["message"]
-
-
 @pytest.mark.parametrize("body", BAD_BODIES, ids=range(len(BAD_BODIES)))
 def test_bad_completion_bodies(server, body):
     r = requests.post(server.url + "/v1/completions", json=body, timeout=30)
-    _assert_envelope(r, 404 if isinstance(body, dict) and body.get("model") == "no-such-model" else None)
+    error_envelope(r, 404 if isinstance(body, dict) and body.get("model") == "no-such-model" else None)
 
 
 @pytest.mark.parametrize("path,body", [
@@ -59,19 +50,19 @@ def test_bad_completion_bodies(server, body):
     ("/tokenize", {}),
 ])
 def test_bad_other_bodies(server, path, body):
-    _assert_envelope(requests.post(server.url + path, json=body, timeout=30))
+    error_envelope(requests.post(server.url + path, json=body, timeout=30))
 
 
 @pytest.mark.parametrize("raw", [b"{bad json", b'{"prompt": "\xff\xfe\xfd"}', b"", b"\x00" * 100, b"[" * 10000])
 def test_malformed_bytes(server, raw):
     r = requests.post(server.url + "/v1/completions", data=raw, timeout=30,
                       headers={"Content-Type": "application/json"})
-    _assert_envelope(r)
+    error_envelope(r)
 
 
 def test_unknown_route_and_method(server):
-    _assert_envelope(requests.get(server.url + "/v1/nothing", timeout=5), 404)
-    _assert_envelope(requests.get(server.url + "/v1/completions", timeout=5), 405)
+    error_envelope(requests.get(server.url + "/v1/nothing", timeout=5), 404)
+    error_envelope(requests.get(server.url + "/v1/completions", timeout=5), 405)
 
 
 @pytest.fixture(scope="module")
@@ -128,28 +119,14 @@ def test_fuzz_every_endpoint(request, keyed):
     assert requests.get(srv.url + "/health", timeout=5).status_code == 200
     r = requests.post(srv.url + "/v1/completions", json={"prompt": "The", "max_tokens": 3}, headers=auth, timeout=30)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
-    assert _wait_idle(srv.url, auth) == 0
-
-
-def _wait_idle(url: str, headers: dict, seconds: float = 20) -> float:
-    deadline = time.monotonic() + seconds
-    while _running(url, headers) > 0 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return _running(url, headers)
-
-
-def _running(url: str, headers: dict | None = None) -> float:
-    for line in requests.get(url + "/metrics", headers=headers, timeout=5).text.splitlines():
-        if line.startswith("xbit_running_sequences "):
-            return float(line.split()[1])
-    raise AssertionError("no xbit_running_sequences metric")
+    assert wait_idle(srv.url, auth) == 0
 
 
 def test_client_disconnect_frees_slot(server):
     body = {"prompt": "The", "max_tokens": 250, "stream": True, "ignore_eos": True}
     with requests.post(server.url + "/v1/completions", json=body, stream=True, timeout=30) as r:
         next(r.iter_lines())  # generation is running
-    assert _wait_idle(server.url, {}) == 0
+    assert wait_idle(server.url, {}) == 0
 
 
 def test_api_key_and_graceful_shutdown(tmp_path):
@@ -159,8 +136,8 @@ def test_api_key_and_graceful_shutdown(tmp_path):
     try:
         assert requests.get(srv.url + "/health", timeout=5).status_code == 200
         for path in ("/v1/models", "/metrics", "/tokenizer_info"):
-            _assert_envelope(requests.get(srv.url + path, timeout=5), 401)
-        _assert_envelope(requests.post(srv.url + "/v1/completions", json={"prompt": "x"}, timeout=5,
+            error_envelope(requests.get(srv.url + path, timeout=5), 401)
+        error_envelope(requests.post(srv.url + "/v1/completions", json={"prompt": "x"}, timeout=5,
                                        headers={"Authorization": "Bearer wrong"}), 401)
         openai = pytest.importorskip("openai")
         good = openai.OpenAI(base_url=srv.url + "/v1", api_key="s3cret", max_retries=0)

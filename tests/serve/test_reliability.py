@@ -12,30 +12,9 @@ import time
 import pytest
 import requests
 
-from tests.serve.helpers import ROOT, InProcessServer, ServerProcess, free_port
+from tests.serve.helpers import ROOT, InProcessServer, ServerProcess, error_envelope, free_port, wait_idle
 
 LONG = 6000  # tokens: tens of seconds of decoding on one thread, so a slot held for nothing shows
-
-
-def _running(url: str) -> float:
-    for line in requests.get(url + "/metrics", timeout=5).text.splitlines():
-        if line.startswith("xbit_running_sequences "):
-            return float(line.split()[1])
-    raise AssertionError("no xbit_running_sequences metric")
-
-
-def _wait_idle(url: str, seconds: float) -> float:
-    deadline = time.monotonic() + seconds
-    while _running(url) > 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return _running(url)
-
-
-def _envelope(r, status: int) -> dict:
-    assert r.status_code == status, (r.status_code, r.text[:300])
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["message"]
-    return err
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +34,7 @@ def test_abandoned_non_streaming_request_frees_its_slot_and_shutdown_is_prompt(l
         body = {"prompt": "The", "max_tokens": LONG, "ignore_eos": True}
         with pytest.raises(requests.Timeout):  # as `curl -m 1` does
             requests.post(srv.url + "/v1/completions", json=body, timeout=1)
-        assert _wait_idle(srv.url, 3) == 0
+        assert wait_idle(srv.url, seconds=3) == 0
         start = time.monotonic()
         srv.proc.send_signal(signal.SIGTERM)
         assert srv.proc.wait(30) in (0, -signal.SIGTERM)
@@ -85,7 +64,7 @@ def test_shutdown_timeout_ends_running_requests_with_an_answer(long_dir):
         assert time.monotonic() - start < 10
         assert rest[-1] == "data: [DONE]"
         assert json.loads(rest[-2].removeprefix("data: "))["error"]["code"] == "abort"
-        assert _envelope(answers["plain"], 503)["code"] == "aborted"
+        assert error_envelope(answers["plain"], 503)["code"] == "aborted"
         assert srv.proc.wait(30) in (0, -signal.SIGTERM)
     finally:
         srv.stop()
@@ -105,7 +84,7 @@ def test_shutdown_timeout_ends_running_requests_with_an_answer(long_dir):
 ])
 def test_lone_surrogates_and_empty_messages_are_400(server, path, raw):
     r = requests.post(server.url + path, data=raw, headers={"Content-Type": "application/json"}, timeout=30)
-    _envelope(r, 400)
+    error_envelope(r, 400)
 
 
 def test_stop_limits_count_strings_and_characters_separately(server):
@@ -115,21 +94,21 @@ def test_stop_limits_count_strings_and_characters_separately(server):
 
     assert ask("x" * 40).status_code == 200  # one long stop string is fine
     assert ask(["x" * 40] * 16).status_code == 200
-    assert _envelope(ask(["a"] * 17), 400)["param"] == "stop"
-    assert _envelope(ask("x" * 1025), 400)["param"] == "stop"
+    assert error_envelope(ask(["a"] * 17), 400)["param"] == "stop"
+    assert error_envelope(ask("x" * 1025), 400)["param"] == "stop"
 
 
 def test_body_limit_and_tokenization_off_the_event_loop(server):
     big = json.dumps({"prompt": "hello world " * 500_000, "max_tokens": 1})  # 6 MB
     start = time.monotonic()
     r = requests.post(server.url + "/v1/completions", data=big, headers={"Content-Type": "application/json"})
-    assert _envelope(r, 413)["code"] == "request_too_large" and time.monotonic() - start < 5
+    assert error_envelope(r, 413)["code"] == "request_too_large" and time.monotonic() - start < 5
 
     def chunks():  # no content-length: the limit is enforced on the bytes as they arrive
         for _ in range(6):
             yield b" " * (1 << 20)
     r = requests.post(server.url + "/v1/completions", data=chunks(), headers={"Content-Type": "application/json"})
-    _envelope(r, 413)
+    error_envelope(r, 413)
 
     # A 3 MB prompt (under the limit) takes seconds to tokenize; meanwhile other clients are answered at once.
     took = {}
@@ -185,17 +164,17 @@ def test_engine_failures_fail_one_request_and_the_server_goes_on(xbit_dir):
                                  json={"prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, **extra})
 
         for _ in range(2):
-            assert _envelope(complete([5, 7, 9], 3), 500)["code"] == "engine_error"  # prefill fails: no hang
-            assert _envelope(complete([5, 6, 9], 20), 500)["code"] == "engine_error"  # decode fails at 12
+            assert error_envelope(complete([5, 7, 9], 3), 500)["code"] == "engine_error"  # prefill fails: no hang
+            assert error_envelope(complete([5, 6, 9], 20), 500)["code"] == "engine_error"  # decode fails at 12
             r = complete([5, 6, 9], 20, stream=True)
             events = [json.loads(ln[6:]) for ln in r.text.splitlines() if ln.startswith("data: {")]
             assert events[-1]["error"]["code"] == "error" and r.text.rstrip().endswith("data: [DONE]")
             assert complete([5, 6, 9], 4).json()["usage"]["completion_tokens"] == 4  # the next request is served
         assert requests.get(url + "/health", timeout=5).json() == {"status": "ok"}
-        assert _wait_idle(url, 3) == 0  # the gauge is refreshed by the engine's next (idle) step
+        assert wait_idle(url, seconds=3) == 0  # the gauge is refreshed by the engine's next (idle) step
         app.state.serve.engine.stop()  # an engine that is gone is not healthy, and requests say so
         assert requests.get(url + "/health", timeout=5).status_code == 503
-        _envelope(complete([5, 6], 2), 503)
+        error_envelope(complete([5, 6], 2), 503)
 
 
 @pytest.mark.parametrize("env,args", [({}, ["--api-key", ""]), ({"XBIT_API_KEY": " "}, [])])
