@@ -55,7 +55,8 @@ METHODS = {"rtn": ("rtn", {}), "gptq": ("gptq", {}), "xbit": ("xbit", {}),
            "xbit-float-emb-no-rotation": ("xbit", {"quantize_embeddings": False, "rotation_block": 0}),
            "xbit-float-emb-minmax": ("xbit", {"quantize_embeddings": False, "grid": "minmax"}),
            "xbit-float-emb-no-tune": ("xbit", {"quantize_embeddings": False, "tune_epochs": 0}),
-           "xbit-float-emb-tune32": ("xbit", {"quantize_embeddings": False, "tune_samples": 32})}
+           "xbit-float-emb-tune32": ("xbit", {"quantize_embeddings": False, "tune_samples": 32}),
+           "xbit-float-emb-reuse": ("xbit", {"quantize_embeddings": False, "final_pass": "reuse"})}
 TEXT_SPLITS = ("sotu-eval", "sotu-calib", "moby")
 
 

@@ -15,9 +15,31 @@ kept.
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .arch import adapter_for, logit_softcapping
 from .calibrate import _block_output, block_inputs, decoder_layers, final_norm, on_device
+
+
+# weights (256 MB in float32): a bigger layer's weight (a 128k-vocabulary head has 525M, SmolLM2's table 28M, a
+# Llama-3-8B MLP projection 59M) is made CHUNK weights at a time
+BIG_TABLE = 1 << 26
+CHUNK = 1 << 24
+
+
+def rows_product(x: torch.Tensor, weight_rows, out_features: int, in_features: int) -> torch.Tensor:
+    """x @ W^T, W made by weight_rows(rows) -> W[rows] (a slice of output rows; differentiable in whatever W is
+    made of: error gates, grid parameters). A big W (more than BIG_TABLE weights) goes CHUNK weights' rows at a
+    time, each chunk's weight made again in the backward pass instead of kept (activation checkpointing), so that
+    it never exists whole: 64 MB at a time instead of several 2.1 GB copies."""
+    if out_features * in_features <= BIG_TABLE:
+        return F.linear(x, weight_rows(slice(None)).to(x.dtype))
+    step = max(1, CHUNK // in_features)
+
+    def part(x, r0):
+        return F.linear(x, weight_rows(slice(r0, r0 + step)).to(x.dtype))
+    return torch.cat([checkpoint(part, x, r0, use_reentrant=False) if torch.is_grad_enabled() else part(x, r0)
+                      for r0 in range(0, out_features, step)], dim=-1)
 
 
 def _head(model):

@@ -57,8 +57,10 @@ class ErrorGates:
     `scale_of(embedding)`: the factor the embedding applies to its lookups (xbit.arch), which its error gets too."""
 
     def __init__(self, linears: dict, deltas: dict, tied_heads: dict | None = None, scale_of=None):
-        """deltas: name -> Q - W, or a function making it (called when the layer first runs; the result is kept
-        until release(), so only the layers of the block on the device need theirs expanded)."""
+        """deltas: name -> Q - W, or a function making its rows, rows -> (Q - W)[rows] (called when the layer
+        first runs, with every row; the result is kept until release(), so only the layers of the block on the
+        device need theirs expanded). A big table (more than blockwise.BIG_TABLE weights) is never expanded
+        whole: a lookup makes the rows it reads, a product a chunk of rows at a time (blockwise.rows_product)."""
         self.t = torch.ones(len(linears), requires_grad=True)
         self.handles, self.patched, self.deltas, self.ready = [], [], deltas, {}
         self.scale_of = scale_of or (lambda embedding: 1.0)
@@ -70,10 +72,13 @@ class ErrorGates:
                     user.forward = self._gated_linear(i, name, user)
                     self.patched.append(user)
 
-    def delta(self, name: str, device) -> torch.Tensor:
+    def delta(self, name: str, device, rows=None) -> torch.Tensor:
+        """(Q - W)[rows] of a layer (rows None: all, kept until release)."""
+        d = self.deltas[name]
+        if rows is not None:
+            return (d(rows) if callable(d) else d[rows]).to(device)
         if name not in self.ready:
-            d = self.deltas[name]
-            self.ready[name] = (d() if callable(d) else d).to(device)
+            self.ready[name] = (d(slice(None)) if callable(d) else d).to(device)
         return self.ready[name]
 
     def release(self, prefix: str):
@@ -83,15 +88,25 @@ class ErrorGates:
 
     def _lookup_hook(self, i, name):
         def hook(module, inputs, output):
-            d = self.delta(name, output.device).to(output.dtype)
-            err = F.embedding(inputs[0], d) * torch.tensor(self.scale_of(module), dtype=output.dtype)
+            ids = inputs[0]
+            if module.weight.numel() > blockwise.BIG_TABLE:  # only the rows read
+                read, ids = ids.unique(return_inverse=True)
+                d = self.delta(name, output.device, read)
+            else:
+                d = self.delta(name, output.device)
+            err = F.embedding(ids, d.to(output.dtype)) * torch.tensor(self.scale_of(module), dtype=output.dtype)
             return output + self.t[i].to(output.dtype) * err
         return hook
 
     def _gated_linear(self, i, name, module):
         def forward(x):
-            w = module.weight.to(x.dtype) + self.t[i].to(x.dtype) * self.delta(name, x.device).to(x.dtype)
-            return F.linear(x, w, None if module.bias is None else module.bias.to(x.dtype))
+            big = module.weight.numel() > blockwise.BIG_TABLE
+
+            def weight_rows(rows):  # W + t * (Q - W), the rows asked for
+                d = self.delta(name, x.device, rows if big else None)
+                return module.weight[rows].to(x.dtype) + self.t[i].to(x.dtype) * (d if big else d[rows]).to(x.dtype)
+            y = blockwise.rows_product(x, weight_rows, module.out_features, module.in_features)
+            return y if module.bias is None else y + module.bias.to(x.dtype)
         return forward
 
     def remove(self):

@@ -8,8 +8,11 @@
 2. Learn: budgets across layers from the gradient of the end-to-end cost on held-out tokens (xbit.learn), every
    column's depth from the joint Lagrangian solve (xbit.allocate.solve), exact to the byte budget. Each round
    scores the errors step 3 will make (GPTQ with the measured E[x x^T]); round 0 scores the uniform allocation.
-3. Quantize: block by block again, each layer with GPTQ-style compensation (xbit.gptq) at its per-column depths,
-   low depths first so that finer columns absorb the coarse columns' error; or plain rounding (compensate=False).
+3. Quantize: each layer with GPTQ-style compensation (xbit.gptq) at its per-column depths, low depths first so
+   that finer columns absorb the coarse columns' error; or plain rounding (compensate=False). final_pass "reuse"
+   (default): the layers as the learning quantized them for the kept round, with the measured E[x x^T] (scoring
+   exactly what is stored, and no further pass over the calibration data); "sequential": block by block again,
+   each with E[x x^T] collected on the outputs of the quantized blocks before it, as GPTQ does.
 4. Tune (tune_epochs > 0): the codes fixed, every group's scale and zero trained end to end against the cost
    (xbit.tune), aiming at the float model's outputs (xbit.blockwise.Teacher: its final hidden states, taken in the
    measurement, and its head).
@@ -64,10 +67,11 @@ def measure(model, linears: dict, ids: torch.Tensor, device, group_size: int, pr
             usage: Usage | None = None) -> tuple:
     """{name: {"h_diag": E[x_j^2], "err": column errors [in, 9], "h": E[x x^T]}} from the float model.
 
-    "h" (full_hessians) lets the learning rounds score GPTQ-compensated errors. Decoder-block layers keep it in
-    bfloat16 (the learning only compares allocations with it; the final quantization collects its own in float32),
-    one tensor for the layers that read the same input (q/k/v, gate/up), written to the folder `scratch` (xbit.spill)
-    when given, and read back when used. Returns the measurement and the last block's outputs.
+    "h" (full_hessians) lets the learning rounds score GPTQ-compensated errors (float32: kept in bfloat16 it made
+    the scored layers worse, SmolLM2 regime (b) at gptq:3: round-0 cost 0.452 vs 0.413), and with --final-pass
+    reuse it is the checkpoint's. One tensor for the layers that read the same input (q/k/v, gate/up), written to
+    the folder `scratch` (xbit.spill) when given, and read back when used. Returns the measurement and the last
+    block's outputs.
 
     Layers outside the decoder blocks (regime a): the output head, and an input embedding tied to it, are measured
     on the head's input (the final norm of the last block's output; "h" keeps the full E[x x^T] for compensation).
@@ -87,7 +91,7 @@ def measure(model, linears: dict, ids: torch.Tensor, device, group_size: int, pr
                 out[name] = {"h_diag": diag.cpu(), "err": err.cpu()}
                 if full_hessians:
                     same = [s for f, s in kept if torch.equal(f, h)]
-                    stored = h.to(torch.bfloat16).cpu()
+                    stored = h.cpu()
                     out[name]["h"] = same[0] if same else OnDisk.write(stored, scratch) if scratch else stored
                     kept += [] if same else [(h, out[name]["h"])]
         if usage:
@@ -181,28 +185,42 @@ def quantize_layer(w: torch.Tensor, h: torch.Tensor | None, bits: torch.Tensor, 
     return quantize_weight_rtn(w, bits, perm, group_size, grid)
 
 
-def final_deltas(linears: dict, measurement: dict, group_size: int, damp: float, grid: str, compensate: bool,
-                 device):
-    """delta(name, bits) -> a function making Q - W as the final quantization (quantize_layer) will make it at
-    those depths, with the measured E[x x^T] in place of the one collected on quantized inputs. The layer is
-    quantized at once (on the device) and kept packed on the host, a checkpoint's bytes for the whole model; Q - W
-    is expanded only when its block runs. A layer asked again at the depths of one of its last two quantizations
-    (a dropped round's next one is anchored to the kept one) is not quantized again."""
-    recent = {}
+class FinalLayers:
+    """Every layer quantized as the final quantization (quantize_layer) makes it at given depths, with the measured
+    E[x x^T] (on the float model's inputs) in place of the one collected on quantized inputs. A layer is quantized
+    at once (on the device) and kept packed on the host, a checkpoint's bytes for the whole model. A layer asked
+    again at the depths of one of its last two quantizations (a dropped round's next one is anchored to the kept
+    one) is not quantized again.
 
-    def delta(name, bits):
-        t = next((t for old, t in recent.get(name, []) if torch.equal(old, bits)), None)
-        w, m = linears[name].weight, measurement[name]
+    `delta(name, bits)` gives the learning rounds a function making Q - W (expanded only when its block runs);
+    `tensors(name, bits)` gives the stored tensors themselves, which --final-pass reuse keeps as the checkpoint's."""
+
+    def __init__(self, linears: dict, measurement: dict, group_size: int, damp: float, grid: str,
+                 compensate: bool, device):
+        self.linears, self.measurement, self.device = linears, measurement, device
+        self.group_size, self.damp, self.grid, self.compensate = group_size, damp, grid, compensate
+        self.recent = {}
+
+    def tensors(self, name: str, bits: torch.Tensor) -> dict:
+        t = next((t for old, t in self.recent.get(name, []) if torch.equal(old, bits)), None)
         if t is None:
-            h = loaded(m.get("h")) if compensate else None
-            t = quantize_layer(w.to(device, torch.float32), None if h is None else h.to(device), bits, m["h_diag"],
-                               group_size, damp, grid)
+            w, m = self.linears[name].weight, self.measurement[name]
+            h = loaded(m.get("h")) if self.compensate else None
+            t = quantize_layer(w.to(self.device, torch.float32), None if h is None else h.to(self.device), bits,
+                               m["h_diag"], self.group_size, self.damp, self.grid)
             t = {k: v.cpu() for k, v in t.items()}
-            recent[name] = [(bits.clone(), t)] + recent.get(name, [])[:1]
-        keys = ("qweight", "scales", "zeros", "perm", "bits")
-        return lambda: dequantize(*(t[k].to(device) for k in keys), group_size).sub_(w.to(device, torch.float32))
+            self.recent[name] = [(bits.clone(), t)] + self.recent.get(name, [])[:1]
+        return t
 
-    return delta
+    def delta(self, name: str, bits: torch.Tensor):
+        """rows -> (Q - W)[rows] (a slice or an index tensor of output rows), made on the device when called."""
+        t, w, device = self.tensors(name, bits), self.linears[name].weight, self.device
+
+        def rows_of(rows):
+            return dequantize(t["qweight"][:, rows].to(device), t["scales"][:, rows].to(device),
+                              t["zeros"][:, rows].to(device), t["perm"].to(device), t["bits"].to(device),
+                              self.group_size).sub_(w[rows].to(device, torch.float32))
+        return rows_of
 
 
 DEFAULT_MIN_BITS = 2  # 1-bit columns rarely pay; below the size where every column has 2 bits they must
@@ -254,6 +272,7 @@ def _quantize_xbit(model, tokenizer, linears, replace, budget, texts, device, se
     o = settings.xbit
     group_size, seed, damp, grid, compensate = settings.group_size, settings.seed, settings.damp, o.grid, o.compensate
     rotation_block, allocation = o.rotation_block, o.allocation
+    reuse = o.final_pass == "reuse"
     with usage.phase("measure"):  # (the rotation and the teachers included)
         cost_fn = resolve_cost(o.cost) if isinstance(o.cost, str) else o.cost
         calib_texts, selection_texts, report_texts = split_held_out(texts)
@@ -276,7 +295,7 @@ def _quantize_xbit(model, tokenizer, linears, replace, budget, texts, device, se
             budget -= sum(signs_bytes(linears[n].in_features) for n in rotated)
         basis = (f"Hadamard basis (blocks <= {rotation_block}, signs per block, seed {seed})" if rotated
                  else "original basis")
-        setup = f"{basis}, {grid} grid"  # what the saved column errors depend on besides the model
+        setup = f"{basis}, {grid} grid, float32 E[x x^T]"  # what the saved measurement depends on besides the model
         load_measurement_from = o.load_measurement
         last_hidden = None  # the float model's last block outputs on the calibration sequences, when measured now
         if load_measurement_from:
@@ -301,21 +320,22 @@ def _quantize_xbit(model, tokenizer, linears, replace, budget, texts, device, se
                                     .clone() if reuse else None)
         del last_hidden
     tied_heads = {emb: model.get_submodule(head) for head, emb in (tied or {}).items()}
+    final_layers = FinalLayers(linears, measurement, group_size, damp, grid, compensate, device)
     with usage.phase("learn"):
         bits, learned = allocate(model, linears, measurement, budget, group_size, allocation, held_teacher, cost_fn,
                                  o.rounds, progress, device, importance=o.importance, min_bits=o.min_bits,
                                  tied_heads=tied_heads,
-                                 delta_fn=final_deltas(linears, measurement, group_size, damp, grid, compensate,
-                                                       device))
+                                 delta_fn=final_layers.delta)
 
-    def quantize_one(name, h):
+    def quantize_one(name, h=None, tensors=None):
         w = linears[name].weight
-        tensors = quantize_layer(w, h if compensate else None, bits[name], measurement[name]["h_diag"], group_size,
-                                 damp, grid)
+        if tensors is None:
+            tensors = quantize_layer(w, h if compensate else None, bits[name], measurement[name]["h_diag"],
+                                     group_size, damp, grid)
         block = 0
         if name in rotated:
             signs, block = rotated[name]
-            tensors["rot_signs"] = pack_signs(signs).to(w.device)
+            tensors = {**tensors, "rot_signs": pack_signs(signs).to(w.device)}
         replace(name, linears[name], tensors, block)
 
     def quantize_block(index, block, hessians):
@@ -327,14 +347,21 @@ def _quantize_xbit(model, tokenizer, linears, replace, budget, texts, device, se
 
     with usage.phase("quantize"):
         for name in [n for n in linears if not n.startswith(prefix + ".")]:  # embeddings, head: from float stats
-            quantize_one(name, loaded(measurement[name].get("h")))
+            quantize_one(name, tensors=final_layers.tensors(name, bits[name]))
         if len(linears) > sum(n.startswith(prefix + ".") for n in linears):
             usage.note("quantize embedding and head")
-        run_blocks(model, ids, device, quantize_block, progress=progress, diag_only=not compensate)
+        if reuse:  # the layers as the learning quantized them, with the measured (float-input) statistics
+            for name in [n for n in linears if n.startswith(prefix + ".")]:
+                quantize_one(name, tensors=final_layers.tensors(name, bits[name]))
+            usage.note("quantize blocks (reused)")
+        else:  # GPTQ's order: each block with E[x x^T] of the quantized blocks before it
+            run_blocks(model, ids, device, quantize_block, progress=progress, diag_only=not compensate)
     if o.tune_epochs:
         with usage.phase("tune"):
+            # (the reused layers are the kept learning round's: its held-out cost is the untuned one)
+            untuned = learned.get("best_cost") if reuse else None
             learned.update(tune_grids(model, train_teacher, held_teacher, cost_fn, device, epochs=o.tune_epochs,
-                                      lr=o.tune_lr, progress=progress))
+                                      lr=o.tune_lr, progress=progress, untuned_cost=untuned))
     with usage.phase("report cost"):
         learned["report_cost"] = blockwise.cost(model, report_ids, report_teacher, cost_fn, device, backward=False)
     return {"allocation": allocation, "compensate": compensate, "rotation_block": rotation_block, "grid": grid,

@@ -29,7 +29,7 @@ from .learn import resolve_cost
 from .method_xbit import quantize_xbit
 from .rotation import MAX_BLOCK
 from .rtn import quantize_weight_rtn
-from .settings import ALLOCATIONS, METHODS, QuantizeSettings, UsageError, XbitOptions, parse_match
+from .settings import ALLOCATIONS, FINAL_PASSES, METHODS, QuantizeSettings, UsageError, XbitOptions, parse_match
 from .sizes import (float_component_bytes, float_linear_bytes, gptq_checkpoint_bytes, parse_size,
                     plan_bytes, planned_header_bytes, uniform_counts)
 from .tune import DEFAULT_TUNE_EPOCHS, DEFAULT_TUNE_SAMPLES, TUNE_LR
@@ -292,6 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="xbit: fit each group's grid to minimise its squared error by clipping its range (mse, "
                         "default) or use the published GPTQ grid of the rtn and gptq baselines (minmax: the range "
                         "with 0 in it, an integer zero point)")
+    p.add_argument("--final-pass", default="reuse", choices=FINAL_PASSES,
+                   help="xbit: reuse (default) keeps the layers as the learning quantized them, GPTQ with the float "
+                        "model's E[x x^T]; sequential quantizes every block again, GPTQ's way, with E[x x^T] of the "
+                        "quantized blocks before it (one more pass over the calibration data)")
     p.add_argument("--tune-epochs", type=int, default=DEFAULT_TUNE_EPOCHS,
                    help="xbit: passes over the calibration sequences training the scales and zeros end to "
                         f"end against the cost, codes fixed; stops at an epoch that does not help (default "
@@ -370,7 +374,7 @@ def settings_from_args(args, size: int | None) -> QuantizeSettings:
                                compensate=not args.no_compensate, importance=args.importance, min_bits=args.min_bits,
                                quantize_embeddings=not args.float_embeddings, rotation_block=args.rotation_block,
                                grid=args.grid, tune_epochs=args.tune_epochs, tune_lr=args.tune_lr,
-                               tune_samples=args.tune_samples,
+                               tune_samples=args.tune_samples, final_pass=args.final_pass,
                                save_measurement=args.save_measurement, load_measurement=args.load_measurement)
     return QuantizeSettings(method=args.method, bits=args.bits, size=size, code_bits=args.code_bits, match=args.match,
                             group_size=args.group_size,

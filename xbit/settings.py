@@ -23,6 +23,7 @@ from .tune import DEFAULT_TUNE_EPOCHS, DEFAULT_TUNE_SAMPLES, TUNE_LR
 
 METHODS = ("xbit", "gptq", "rtn")
 ALLOCATIONS = ("learned", "proxy", "uniform")
+FINAL_PASSES = ("sequential", "reuse")
 
 
 class UsageError(ValueError):
@@ -45,6 +46,7 @@ class XbitOptions:
     tune_epochs: int = DEFAULT_TUNE_EPOCHS
     tune_lr: float = TUNE_LR
     tune_samples: int | None = DEFAULT_TUNE_SAMPLES  # None: every calibration sequence
+    final_pass: str = "reuse"
     save_measurement: str | None = None
     load_measurement: str | None = None
 
@@ -52,6 +54,8 @@ class XbitOptions:
         _check(self.allocation in ALLOCATIONS, f"unknown allocation {self.allocation!r}; available: "
                                                f"{', '.join(ALLOCATIONS)}")
         _check(self.rounds >= 1, "--rounds must be >= 1")
+        _check(self.final_pass in FINAL_PASSES, f"unknown final pass {self.final_pass!r}; available: "
+                                                f"{', '.join(FINAL_PASSES)}")
         _check(self.tune_epochs >= 0 and self.tune_lr > 0, "--tune-epochs must be >= 0 and --tune-lr positive")
         _check(self.tune_samples is None or self.tune_samples >= 1, "--tune-samples must be >= 1")
         _check(self.min_bits is None or 0 <= self.min_bits <= MAX_BITS, f"--min-bits must be 0..{MAX_BITS}")

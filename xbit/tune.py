@@ -8,13 +8,20 @@ kept result is never worse on them than no tuning, and the tuning stops at the f
 their cost (SmolLM2, regime (a) at the GPTQ 3-bit size, 5.9 bits per weight: 0.0157 untuned, 0.0202, 0.0180 after
 epochs 1 and 2; the second epoch was half the quantization's time, for nothing).
 
-Parametrisation: scale = scale0 * exp(a) and zero = zero0 + c (in code steps), a = c = 0 at the start, so one
-learning rate suits every layer whatever its weights' magnitude.
+Parametrisation: scale = scale0 * exp(r * a) and zero = zero0 + c (in code steps), a = c = 0 at the start, so one
+learning rate suits every layer whatever its weights' magnitude. r = 2^-(b - 3) for a group of b > 3 bits (1 up to 3
+bits): a relative change of the scale moves a group's outer levels by about 2^(b-1) code steps, so without it a
+step that is small at 2-3 bits moves a 6-bit grid by whole steps (Adam takes steps of about the learning rate
+whatever the gradient's size; r is its step size per group). SmolLM2, regime (a) at the GPTQ 3-bit size (~6 bits
+per weight): the held-out cost rose from 0.0157 to 0.0202-0.0219 in the tuning's first epoch without r.
 
 Memory: one block on the device at a time (xbit.blockwise); the float model is not kept, only its final hidden
 states on the calibration and held-out sequences with the float head (xbit.blockwise.Teacher). A block's layers
 dequantize once in its forward and once in its recomputation for the backward; an embedding table (and the head it
-serves) once per step, its gradient gathered on the expanded table and passed to its grid at the step's end.
+serves) once per step, its gradient gathered on the expanded table and passed to its grid at the step's end. A
+table of more than blockwise.BIG_TABLE weights (a 128k-vocabulary head: 525M) is never expanded whole: a lookup
+dequantizes the rows it reads, a product goes a chunk of output rows at a time with each chunk's weight recomputed
+in the backward pass instead of kept (several 2.1 GB temporaries per use became 64 MB ones).
 """
 
 import torch
@@ -36,6 +43,7 @@ DEFAULT_TUNE_EPOCHS = 2  # SmolLM2 at the GPTQ 3-bit size: held-out KL 0.292 -> 
 DEFAULT_TUNE_SAMPLES = None
 
 
+SCALE_RATE_BITS = 3  # deeper groups move their log-scale half as fast per extra bit (module docstring)
 KEPT_CODES_BYTES = 2 << 30  # unpacked codes (a byte per weight) kept for the whole tuning up to this much; the
 # layers beyond are unpacked again at each use (same numbers): an 8B model's 8 GB of codes would sit in host memory
 
@@ -48,32 +56,49 @@ class TunableGrid:
         codes, self.group, self.cols = unpack_layer(module.qweight, module.perm, module.bits, module.group_size)
         self.kept = codes if keep_codes else None
         self.scale0, self.zero0 = module.scales.float(), module.zeros.float()
+        depth = torch.zeros(self.scale0.shape[0], device=self.scale0.device)
+        depth[self.group] = module.bits[self.cols].float()
+        self.rate = (2.0 ** -(depth - SCALE_RATE_BITS).clamp(min=0))[:, None]  # per group [groups, 1]
         self.log_scale = torch.zeros_like(self.scale0, requires_grad=True)
         self.shift = torch.zeros_like(self.zero0, requires_grad=True)
 
     def params(self) -> list[torch.Tensor]:
         return [self.log_scale, self.shift]
 
-    def weight(self, device=None) -> torch.Tensor:
+    def weight(self, device=None, rows=None) -> torch.Tensor:
         """The dequantized table [out, in], original column order (0-bit columns are zero), computed on `device`
-        (default: where the grid lives; the trained parameters stay there, their copies carry the gradient)."""
+        (default: where the grid lives; the trained parameters stay there, their copies carry the gradient). `rows`
+        (a slice or an index tensor of output rows): only those rows."""
         d = self.scale0.device if device is None else device
-        scale = self.scale0.to(d) * self.log_scale.to(d).exp()
-        zero = self.zero0.to(d) + self.shift.to(d)
+        r = slice(None) if rows is None else rows
+        scale = self.scale0[:, r].to(d) * (self.log_scale[:, r].to(d) * self.rate.to(d)).exp()
+        zero = self.zero0[:, r].to(d) + self.shift[:, r].to(d)
         m = self.module
-        codes = self.kept if self.kept is not None else unpack_layer(m.qweight, m.perm, m.bits, m.group_size)[0]
+        codes = self.kept[r] if self.kept is not None else unpack_layer(m.qweight[:, r], m.perm, m.bits,
+                                                                         m.group_size)[0]
         return dequantize_unpacked(codes.to(d), self.group.to(d), self.cols.to(d), scale, zero, m.in_features)
+
+    def big(self) -> bool:
+        return self.module.in_features * self.module.out_features > blockwise.BIG_TABLE
 
     def write_back(self):
         with torch.no_grad():
-            self.module.scales.copy_((self.scale0 * self.log_scale.exp()).half())
+            self.module.scales.copy_((self.scale0 * (self.log_scale * self.rate).exp()).half())
             self.module.zeros.copy_((self.zero0 + self.shift).half())
 
 
-def _weight(g: TunableGrid, device, signs: torch.Tensor | None = None, block: int = 0) -> torch.Tensor:
+def _weight(g: TunableGrid, device, signs: torch.Tensor | None = None, block: int = 0, rows=None) -> torch.Tensor:
     """The layer's float weight in the original basis (a rotated layer's W R turned back into W, so that the
     layers reading one input share it instead of each keeping its own rotated copy for the backward pass)."""
-    return unrotate(g.weight(device), signs.to(device), block) if block else g.weight(device)
+    w = g.weight(device, rows)
+    return unrotate(w, signs.to(device), block) if block else w
+
+
+def _product(x: torch.Tensor, g: TunableGrid, signs: torch.Tensor | None = None, block: int = 0) -> torch.Tensor:
+    """x @ W^T for the layer of grid g (a big table a chunk of rows at a time: xbit.blockwise.rows_product)."""
+    m = g.module
+    return blockwise.rows_product(x, lambda rows: _weight(g, x.device, signs, block, rows), m.out_features,
+                                  m.in_features)
 
 
 class Tables:
@@ -103,8 +128,13 @@ class Tables:
 
 
 def _lookup(g: TunableGrid, tables: Tables, ids: torch.Tensor) -> torch.Tensor:
-    """An XbitEmbedding's lookup from its TunableGrid, scaled as the module scales it."""
-    rows = F.embedding(ids, tables.get(g, ids.device)).to(g.module.dtype_probe.dtype)
+    """An XbitEmbedding's lookup from its TunableGrid, scaled as the module scales it (a big table dequantizes only
+    the rows it reads)."""
+    if g.big():
+        read, where = ids.unique(return_inverse=True)
+        rows = F.embedding(where, g.weight(ids.device, read)).to(g.module.dtype_probe.dtype)
+    else:
+        rows = F.embedding(ids, tables.get(g, ids.device)).to(g.module.dtype_probe.dtype)
     return rows * torch.tensor(g.module.embed_scale, dtype=rows.dtype) if g.module.embed_scale != 1.0 else rows
 
 
@@ -118,14 +148,15 @@ def _differentiable_forwards(model, grids: dict, tables: Tables):
             module.forward = lambda ids, g=g: _lookup(g, tables, ids)
         elif isinstance(module, XbitTiedHead) and module.embedding in grids:
             g = grids[module.embedding]
-            module.forward = lambda x, g=g: F.linear(x, tables.get(g, x.device).to(x.dtype))
+            module.forward = lambda x, g=g: (_product(x, g) if g.big() else
+                                             F.linear(x, tables.get(g, x.device).to(x.dtype)))
         elif isinstance(module, XbitLinear) and module in grids:
             # the signs unpacked afresh: the module's cached copy may come from an inference_mode pass
             signs = unpack_signs(module.rot_signs, module.in_features) if module.rotation_block else None
 
             def forward(x, g=grids[module], m=module, signs=signs):
-                bias = m.bias.to(x.dtype) if m.bias is not None else None
-                return F.linear(x, _weight(g, x.device, signs, m.rotation_block).to(x.dtype), bias)
+                y = _product(x, g, signs, m.rotation_block)
+                return y if m.bias is None else y + m.bias.to(x.dtype)
             module.forward = forward
         else:
             continue
@@ -134,11 +165,12 @@ def _differentiable_forwards(model, grids: dict, tables: Tables):
 
 
 def tune_grids(model, train: Teacher, held: Teacher, cost_fn, device, epochs: int = 2, lr: float = TUNE_LR,
-               batch_size: int = 4, progress: bool = True) -> dict:
+               batch_size: int = 4, progress: bool = True, untuned_cost: float | None = None) -> dict:
     """Trains the scales and zeros of every XbitLinear/XbitEmbedding in `model` in place, against the float
     model's outputs that the teachers hold (xbit.blockwise.Teacher: `train` on the calibration sequences, `held`
-    on the held-out ones that choose the epoch). One block on the device at a time. Returns the report: held-out
-    cost per epoch (epoch 0 = untuned) and the epoch kept."""
+    on the held-out ones that choose the epoch). One block on the device at a time. `untuned_cost`: the held-out
+    cost of the model as it is, when the caller has measured it already. Returns the report: held-out cost per
+    epoch (epoch 0 = untuned) and the epoch kept."""
     grids, kept = {}, 0
     for m in model.modules():
         if isinstance(m, XbitLinear):
@@ -156,7 +188,7 @@ def tune_grids(model, train: Teacher, held: Teacher, cost_fn, device, epochs: in
             tables.forget()
             return c
 
-        costs = [held_out_cost()]
+        costs = [held_out_cost() if untuned_cost is None else untuned_cost]
         best = (costs[0], [p.detach().clone() for p in params])
         opt = torch.optim.Adam(params, lr=lr)
         steps = epochs * -(-train.ids.shape[0] // batch_size)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from xbit.arch import adapter_for, block_linears, embedding_and_head
+from xbit import blockwise
 from xbit.blockwise import Teacher, cost
 from xbit.learn import ErrorGates, ce_cost, kl_cost
 from tests.families import family_model
@@ -24,10 +25,15 @@ def whole_model_cost_and_grad(model, ids, ref_model, cost_fn, gates, batch_size)
     return total, grad
 
 
-@pytest.mark.parametrize("family,cost_fn", [("llama", kl_cost), ("gemma2", kl_cost), ("qwen2", ce_cost)])
-def test_blockwise_cost_and_gate_gradients_match_one_graph(family, cost_fn):
+@pytest.mark.parametrize("family,cost_fn,big_table", [("llama", kl_cost, None), ("gemma2", kl_cost, None),
+                                                     ("qwen2", ce_cost, None), ("llama", kl_cost, 300),
+                                                     ("gemma2", kl_cost, 300)])
+def test_blockwise_cost_and_gate_gradients_match_one_graph(family, cost_fn, big_table, monkeypatch):
     """Gates on every block linear, the embedding and (tied or not) the head; Gemma-2 scales its embedding and
-    soft-caps its logits. 7 sequences in batches of 3 (a partial last batch)."""
+    soft-caps its logits. 7 sequences in batches of 3 (a partial last batch). With big_table, every layer is "big"
+    in the blockwise cost (lookups make the rows they read, products go a few rows at a time, each chunk made
+    again in the backward pass) and half the errors come as functions of the rows: the same cost and gradients
+    as the whole model's graph with every error expanded."""
     model, ref_model = family_model(family), family_model(family)
     for p in [*model.parameters(), *ref_model.parameters()]:
         p.requires_grad_(False)
@@ -39,6 +45,12 @@ def test_blockwise_cost_and_gate_gradients_match_one_graph(family, cost_fn):
     tied_heads = {emb: model.get_submodule(head) for head, emb in tied.items()}
     gates = ErrorGates(linears, deltas, tied_heads, scale_of=adapter_for(model).scale_of)
     want_cost, want_grad = whole_model_cost_and_grad(model, ids, ref_model, cost_fn, gates, 3)
+    if big_table:
+        gates.remove()
+        monkeypatch.setattr(blockwise, "BIG_TABLE", big_table)
+        monkeypatch.setattr(blockwise, "CHUNK", big_table // 2)
+        made = {n: (lambda rows, d=d: d[rows]) if k % 2 else d for k, (n, d) in enumerate(deltas.items())}
+        gates = ErrorGates(linears, made, tied_heads, scale_of=adapter_for(model).scale_of)
     got_cost = cost(model, ids, Teacher(ref_model, ids, "cpu", batch_size=3), cost_fn, "cpu", batch_size=3)
     gates.remove()
     assert want_cost > 1e-4 and got_cost == pytest.approx(want_cost, rel=1e-4)

@@ -107,3 +107,27 @@ def test_xbit_checkpoint_with_rotation_loads_back_identically(tmp_path):
     ids = torch.tensor([[5, 17, 33, 2, 90, 41, 7]])
     model.half().float()
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("k, block", [(96, 32), (576, 64), (1536, 512), (256, 128)])
+def test_rotation_is_the_dense_sylvester_hadamard_product(k, block):
+    """rotate/unrotate (two small products from 64 up) against the dense normalised Hadamard matrix, by its
+    definition H_2n = H_2 (x) H_n."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < block:
+        h = torch.kron(torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64), h)
+    h = h / block**0.5
+    s = random_signs(k, "layer", 1)
+    x = torch.randn(2, 3, k, dtype=torch.float64)
+    want = ((x * s).reshape(2, 3, k // block, block) @ h).reshape(2, 3, k)
+    torch.testing.assert_close(rotate(x, s, block), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(unrotate(want, s, block), x, rtol=1e-12, atol=1e-12)
+
+
+def test_rotation_first_used_under_inference_mode_still_backpropagates():
+    s = random_signs(1024, "layer", 2)
+    with torch.inference_mode():
+        rotate(torch.randn(2, 1024, dtype=torch.float16), s, 512)  # fills the cache for float16
+    x = torch.randn(2, 1024, dtype=torch.float16, requires_grad=True)
+    rotate(x, s, 512).float().pow(2).sum().backward()
+    torch.testing.assert_close(x.grad.float(), 2 * x.detach().float(), rtol=1e-2, atol=1e-2)  # R orthogonal

@@ -54,10 +54,11 @@ def test_tunable_weight_is_scale_times_code_minus_zero_and_writes_back_its_grid(
     grid = TunableGrid(layer, keep_codes=keep_codes)  # codes kept unpacked, or unpacked at each use
     assert (grid.kept is not None) == keep_codes
     torch.testing.assert_close(grid.weight(), expected_weight(perm, codes3, codes5, scales, zeros))
-    with torch.no_grad():  # a moved grid: scale * e^0.1, zero + 0.25 code steps
+    with torch.no_grad():  # a moved grid: scale * e^(0.1 r), zero + 0.25 code steps
         grid.log_scale.add_(0.1)
         grid.shift.add_(0.25)
-    moved_scales, moved_zeros = scales * torch.tensor(0.1).exp(), zeros + 0.25
+    rate = torch.tensor([1.0] * 3 + [0.25] * (scales.shape[0] - 3))[:, None]  # 3-bit groups 1, 5-bit 2^-2
+    moved_scales, moved_zeros = scales * (0.1 * rate).exp(), zeros + 0.25
     torch.testing.assert_close(grid.weight(), expected_weight(perm, codes3, codes5, moved_scales, moved_zeros))
     grid.write_back()  # into the float16 tensors the kernels read
     assert torch.equal(layer.scales, moved_scales.half()) and torch.equal(layer.zeros, moved_zeros.half())
@@ -116,9 +117,12 @@ def test_tuning_keeps_the_untuned_grids_when_no_epoch_helps():
         torch.testing.assert_close(v, stored[k], rtol=0, atol=0)
 
 
-def test_tuning_gradients_match_one_graph_with_the_tied_table_expanded_once_per_step():
+@pytest.mark.parametrize("big_table", [None, 500])
+def test_tuning_gradients_match_one_graph_with_the_tied_table_expanded_once_per_step(big_table, monkeypatch):
     """The blockwise chain with the embedding table as one leaf per step (Tables) gives every scale and zero the
-    gradient of one autograd graph over the whole model in which every lookup and head product dequantizes anew."""
+    gradient of one autograd graph over the whole model in which every lookup and head product dequantizes anew.
+    With every table "big" (big_table 500 weights), lookups dequantize only the rows they read and every product
+    goes a few rows at a time, each chunk recomputed in the backward pass: the same gradients."""
     tok = tiny_tokenizer()
     model, _, _ = xbit.quantize(tiny_llama(), tok, method="xbit", bits=3.0, group_size=32, calib=texts(),
                                 calib_samples=4, seq_len=64, allocation="uniform", tune_epochs=0, progress=False)
@@ -161,6 +165,9 @@ def test_tuning_gradients_match_one_graph_with_the_tied_table_expanded_once_per_
         return loss.item()
 
     want_cost, want = grads(EveryUse(), one_graph)
+    if big_table:
+        monkeypatch.setattr(blockwise, "BIG_TABLE", big_table)
+        monkeypatch.setattr(blockwise, "CHUNK", big_table // 2)
     got_cost, got = grads(Tables(), lambda: blockwise.cost(model, ids, teacher, kl_cost, "cpu", batch_size=2))
     assert want_cost > 1e-3 and got_cost == pytest.approx(want_cost, rel=1e-4)
     assert sum(w.abs().sum() > 0 for w in want) == len(want)
