@@ -14,7 +14,8 @@ Methods: rtn, gptq, xbit, and the xbit ablations xbit-uniform (the same bytes, t
 xbit-float-emb (embedding table and head kept float16 as GPTQ keeps them: regime b), xbit-float-emb-uniform (both),
 xbit-no-rotation / xbit-float-emb-no-rotation (the layers quantized in their original basis),
 xbit-float-emb-minmax (min-max grids, as the baselines use), xbit-float-emb-no-tune (the grids as quantized, not
-trained end to end) and xbit-float-emb-tune32 (the tuning on the first 32 calibration sequences only).
+trained end to end), xbit-float-emb-tune32 (the tuning on the first 32 calibration sequences only) and
+xbit-float-emb-sequential (every block quantized again on the quantized blocks' outputs, --final-pass sequential).
 
 Every cell (method x target, plus the float reference) is written to OUT/cells/ as it finishes and reused on the
 next run when its evaluation settings are unchanged. Methods this xbit build lacks get a skip line in the table.
@@ -56,7 +57,7 @@ METHODS = {"rtn": ("rtn", {}), "gptq": ("gptq", {}), "xbit": ("xbit", {}),
            "xbit-float-emb-minmax": ("xbit", {"quantize_embeddings": False, "grid": "minmax"}),
            "xbit-float-emb-no-tune": ("xbit", {"quantize_embeddings": False, "tune_epochs": 0}),
            "xbit-float-emb-tune32": ("xbit", {"quantize_embeddings": False, "tune_samples": 32}),
-           "xbit-float-emb-reuse": ("xbit", {"quantize_embeddings": False, "final_pass": "reuse"})}
+           "xbit-float-emb-sequential": ("xbit", {"quantize_embeddings": False, "final_pass": "sequential"})}
 TEXT_SPLITS = ("sotu-eval", "sotu-calib", "moby")
 
 
