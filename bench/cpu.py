@@ -3,6 +3,7 @@ over torch.nn.functional.linear (float32 and bfloat16 weights), per shape, bit m
 
     python bench/cpu.py --shapes small --threads 2
     python bench/cpu.py --batches 1 --isa avx512,avx512vnni     # code paths side by side (default: the best)
+    python bench/cpu.py --batches 64,256,512 --isa avx512vnni,blas   # the prefill's packed kernel vs BLAS
 Times are the best of --repeat passes over enough copies of each layer (>= --rotate-mb in all) that every call
 reads its weights from DRAM, as in a real decode step where the whole model does not fit in cache; torch's float
 weights get the same treatment. The packed layer's bytes (codes, scales, zeros, perm, bits) are what a call reads.
@@ -85,7 +86,8 @@ def main():
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--rotate-mb", type=int, default=256, help="total bytes of layer copies cycled through per pass")
     p.add_argument("--isa", default=None, help=f"comma-separated code paths to time, each on its own row, from "
-                   f"{cf.supported_isas()} (default: XBIT_CPU_ISA, else the best this CPU supports)")
+                   f"{cf.supported_isas()} and {cf.BLAS} (dequantize, then torch's BLAS; default: XBIT_CPU_ISA, "
+                   "else the best this CPU supports)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     os.environ["XBIT_CPU_THREADS"] = str(args.threads)
@@ -94,7 +96,7 @@ def main():
         raise SystemExit(f"CPU kernels unavailable: {why}")
     isas = (args.isa or os.environ.get("XBIT_CPU_ISA") or cf.best_isa()).split(",")
     for isa in isas:
-        if isa not in cf.supported_isas():
+        if isa not in cf.supported_isas() + [cf.BLAS]:
             raise SystemExit(f"--isa {isa}: not one of this CPU's paths {cf.supported_isas()}")
     bw = memory_bandwidth(args.repeat)
     print(f"isa={','.join(isas)} (best on this CPU: {cf.best_isa()}) threads={args.threads} "

@@ -6,6 +6,9 @@
                                     and multiply in integers, see csrc/kernel_avx512vnni.cpp, csrc/kernel_avx2.cpp;
                                     avx512 and avx2 are their float paths)
   XBIT_CPU_THREADS=N                OpenMP threads (default: torch.get_num_threads(), 1 for tiny products)
+From GEMM_ROWS activation rows up (prefill, perplexity), unless an ISA is forced, a product dequantizes the weight
+(`dequantize`, a chunk of output rows at a time) and multiplies with torch's BLAS instead (XBIT_CPU_ISA=blas
+forces that path for any batch).
 Imports nothing of xbit: a layer is anything with the XbitLinear buffers (qweight, scales, zeros, perm, bits,
 group_size, bias; a layer stored in a rotated basis also has rotation_block and signs()).
 """
@@ -14,10 +17,17 @@ import os
 import warnings
 
 import torch
+import torch.nn.functional as F
 
 from ._lib import ISAS, load
 
 BLOCK = 32
+# activation rows from which dequantizing the weight once and calling torch's BLAS beats the packed kernel (whose
+# GEMM decodes every code again per tile of rows): ~700 on Qwen2.5-1.5B's layers, ~200-400 on SmolLM2's, 2 AVX-512
+# cores (docs/BENCHMARKS.md); at 1024 BLAS was 1.2-1.45x faster on every shape measured
+GEMM_ROWS = 1024
+BLAS = "blas"  # the name (XBIT_CPU_ISA, isa=) that forces dequantize + torch's BLAS whatever the rows
+DEQUANT_CHUNK = 1 << 24  # weights dequantized at a time for one product (64 MB of float32)
 _LIB, _WHY = load()
 _warned = False
 # the CPU's features do not change: ask once (a per-call ctypes round trip costs ~2 us of a batch-1 call)
@@ -105,13 +115,58 @@ def _plan(layer) -> _Plan:
     return plan
 
 
+def dequantize(layer, rows: slice | torch.Tensor | None = None, threads: int | None = None) -> torch.Tensor:
+    """The layer's weight as float32 [out, in] in the original column order (0-bit columns 0), or the output rows
+    `rows` (a slice, or an index tensor) of it: the numbers of xbit.format.dequantize, to the bit."""
+    if _LIB is None:
+        raise RuntimeError(_WHY)
+    plan = _plan(layer)
+    k, n = layer.bits.numel(), layer.scales.shape[1]
+    if rows is None or isinstance(rows, slice):
+        rows = torch.arange(n)[rows or slice(None)]
+    rows = rows.to(torch.int64).contiguous()
+    out = torch.empty(rows.numel(), k, dtype=torch.float32)
+    qweight, scales, zeros = (t.contiguous() for t in (layer.qweight, layer.scales, layer.zeros))
+    rc = _LIB.xbit_cpu_dequantize(
+        _threads(threads, out.numel() * 64), k, plan.perm.data_ptr(), qweight.data_ptr(), qweight.shape[0],
+        scales.data_ptr(), zeros.data_ptr(), n, plan.segs.data_ptr(), plan.segs.shape[0], layer.group_size,
+        scales.shape[0], plan.kp, rows.data_ptr(), rows.numel(), out.data_ptr())
+    if rc == -6:
+        raise IndexError(f"dequantize: rows outside 0..{n - 1}")
+    if rc != 0:
+        raise RuntimeError(f"xbit_cpu_dequantize failed with code {rc}")
+    return out
+
+
+def _gemm(x2: torch.Tensor, layer, threads: int | None) -> torch.Tensor:
+    """x2 [M, K] @ W.T in float32 through torch's BLAS, W dequantized DEQUANT_CHUNK weights of rows at a time."""
+    k, n = layer.bits.numel(), layer.scales.shape[1]
+    rot_block = getattr(layer, "rotation_block", 0)
+    if rot_block:  # R^T x, as the kernel computes it
+        xf = torch.empty(x2.shape, dtype=torch.float32)
+        rc = _LIB.xbit_cpu_rotate(_threads(threads, x2.numel() * 64), x2.data_ptr(), int(x2.dtype == torch.bfloat16),
+                                  x2.shape[0], k, layer.signs().data_ptr(), rot_block, xf.data_ptr())
+        if rc != 0:
+            raise RuntimeError(f"xbit_cpu_rotate failed with code {rc}")
+    else:
+        xf = x2.float()
+    step = max(16, DEQUANT_CHUNK // max(1, k))
+    parts = [F.linear(xf, dequantize(layer, slice(r, r + step), threads)) for r in range(0, n, step)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
 def matmul(x: torch.Tensor, layer, threads: int | None = None, isa: str | None = None) -> torch.Tensor:
-    """y = x @ W.T (+ bias) for an x-bit layer; x float32 or bfloat16 on the CPU, y in x's dtype."""
+    """y = x @ W.T (+ bias) for an x-bit layer; x float32 or bfloat16 on the CPU, y in x's dtype. From GEMM_ROWS
+    rows of x up, unless an ISA is asked for (argument or XBIT_CPU_ISA), or with isa "blas", through `dequantize`
+    and torch's BLAS."""
     if _LIB is None:
         raise RuntimeError(_WHY)
     plan = _plan(layer)
     k, n = layer.bits.numel(), layer.scales.shape[1]
     x2 = x.reshape(-1, k).contiguous()
+    forced = isa or os.environ.get("XBIT_CPU_ISA")
+    if n > 0 and (forced == BLAS or (not forced and x2.shape[0] >= GEMM_ROWS)):
+        return _finish(_gemm(x2, layer, threads), x, layer, n)
     y = torch.empty(x2.shape[0], n, dtype=torch.float32)
     qweight, scales, zeros = (t.contiguous() for t in (layer.qweight, layer.scales, layer.zeros))
     rot_block = getattr(layer, "rotation_block", 0)  # a rotated layer: R^T x is computed in the kernel
@@ -124,6 +179,11 @@ def matmul(x: torch.Tensor, layer, threads: int | None = None, isa: str | None =
             signs.data_ptr() if rot_block else None, rot_block, y.data_ptr())
         if rc != 0:
             raise RuntimeError(f"xbit_cpu_matmul failed with code {rc}")
+    return _finish(y, x, layer, n)
+
+
+def _finish(y: torch.Tensor, x: torch.Tensor, layer, n: int) -> torch.Tensor:
+    """y float32 [M, N] -> x's dtype and shape, plus the bias."""
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
     bias = layer.bias

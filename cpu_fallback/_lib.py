@@ -27,8 +27,8 @@ def load() -> tuple[ctypes.CDLL | None, str]:
         lib = ctypes.CDLL(str(path))
     except OSError as e:
         return None, f"cannot load {path.name}: {e}"
-    if not hasattr(lib, "xbit_cpu_plan"):  # built from older sources: its matmul takes other arguments
-        return None, f"{path.name} is out of date (no xbit_cpu_plan); reinstall the package to rebuild it"
+    if not hasattr(lib, "xbit_cpu_dequantize"):  # built from older sources
+        return None, f"{path.name} is out of date (no xbit_cpu_dequantize); reinstall the package to rebuild it"
     lib.xbit_cpu_plan.restype = ctypes.c_int
     lib.xbit_cpu_plan.argtypes = [_P, _P, _I64, _I32, _P, _P]  # bits, perm, K, group_size, seg_table, info
     lib.xbit_cpu_isa_supported.argtypes, lib.xbit_cpu_isa_supported.restype = [ctypes.c_int], ctypes.c_int
@@ -41,4 +41,11 @@ def load() -> tuple[ctypes.CDLL | None, str]:
         _P, _I32, _I32, _I64, _I64,  # seg_table, nseg, group_size, ngroups, Kp
         _P, _I32, _P,  # signs, rot_block, y
     ]
+    lib.xbit_cpu_dequantize.restype = ctypes.c_int
+    lib.xbit_cpu_dequantize.argtypes = [
+        ctypes.c_int, _I64, _P, _P, _I64, _P, _P, _I64,  # threads, K, perm, qweight, nwords, scales, zeros, N
+        _P, _I32, _I32, _I64, _I64, _P, _I64, _P,  # seg_table, nseg, group_size, ngroups, Kp, rows, count, out
+    ]
+    lib.xbit_cpu_rotate.restype = ctypes.c_int
+    lib.xbit_cpu_rotate.argtypes = [ctypes.c_int, _P, ctypes.c_int, _I64, _I64, _P, _I32, _P]
     return lib, ""

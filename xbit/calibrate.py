@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import adapter_for
-from .format import dequantize
+from . import dispatch
 from .modules import XbitLinear
 from .rotation import rotate
 
@@ -247,7 +247,7 @@ def dense_xbit_layers(block):
     patched = []
     for m in block.modules():
         if isinstance(m, XbitLinear):
-            w = dequantize(m.qweight, m.scales, m.zeros, m.perm, m.bits, m.group_size)
+            w = dispatch.dequantize(m)
 
             def forward(x, m=m, w=w):
                 if m.rotation_block:

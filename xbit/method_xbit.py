@@ -22,6 +22,7 @@ their stored dtype: xbit.calibrate.on_device); the measured E[x x^T] waits on di
 
 import json
 import tempfile
+from types import SimpleNamespace
 
 import torch
 from safetensors import safe_open
@@ -32,7 +33,7 @@ from .allocate import Problem, column_errors, solve, uniform_fraction
 from .calibrate import calibration_ids, decoder_layers_path, head_hessian, run_blocks, world
 from .format import dequantize
 from .gptq import quantize_weight_gptq
-from . import blockwise
+from . import blockwise, dispatch
 from .blockwise import Teacher
 from .learn import learn_allocation, resolve_cost
 from .rotation import block_size, pack_signs, random_signs, rotate_linear, signs_bytes
@@ -214,12 +215,17 @@ class FinalLayers:
 
     def delta(self, name: str, bits: torch.Tensor):
         """rows -> (Q - W)[rows] (a slice or an index tensor of output rows), made on the device when called."""
-        t, w, device = self.tensors(name, bits), self.linears[name].weight, self.device
+        t, w, device = self.tensors(name, bits), self.linears[name].weight, torch.device(self.device)
+        packed = SimpleNamespace(**t, group_size=self.group_size)  # what an xbit kernel reads of a layer
 
         def rows_of(rows):
-            return dequantize(t["qweight"][:, rows].to(device), t["scales"][:, rows].to(device),
-                              t["zeros"][:, rows].to(device), t["perm"].to(device), t["bits"].to(device),
-                              self.group_size).sub_(w[rows].to(device, torch.float32))
+            if device.type == "cpu":
+                q = dispatch.dequantize(packed, rows)
+            else:  # the rows' codes travel to the device, not their float weights
+                q = dequantize(t["qweight"][:, rows].to(device), t["scales"][:, rows].to(device),
+                               t["zeros"][:, rows].to(device), t["perm"].to(device), t["bits"].to(device),
+                               self.group_size)
+            return q.sub_(w[rows].to(device, torch.float32))
         return rows_of
 
 

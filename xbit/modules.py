@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from . import dispatch
-from .format import dequantize, layer_shapes
+from .format import layer_shapes
 from .rotation import unpack_signs
 
 
@@ -106,8 +106,7 @@ class XbitEmbedding(XbitLinear):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
-        rows = dequantize(self.qweight[:, flat], self.scales[:, flat], self.zeros[:, flat], self.perm, self.bits,
-                          self.group_size, dtype=self.dtype_probe.dtype)
+        rows = dispatch.dequantize(self, flat).to(self.dtype_probe.dtype)
         if self.embed_scale != 1.0:  # in the model's dtype, as the float embedding applies it
             rows = rows * torch.tensor(self.embed_scale, dtype=rows.dtype)
         return rows.reshape(*ids.shape, self.embedding_dim)

@@ -73,6 +73,29 @@ void hadamard_block(float* v, int n) {
   for (int j = 0; j < n; ++j) v[j] *= norm;
 }
 
+// The segment table's rows as Segs, checking (O(segments) per call) that every row lies inside the buffers.
+int read_segs(const int32_t* seg_table, int32_t nseg, int64_t K, int64_t nwords, int32_t group_size, int64_t ngroups,
+              int64_t Kp, xbit::Seg* segs) {
+  for (int i = 0; i < nseg; ++i) {
+    const int32_t* r = seg_table + 6 * i;
+    if (r[0] < 1 || r[0] > 8) return -3;
+    const int64_t blocks = (int64_t(r[2]) + xbit::kBlock - 1) / xbit::kBlock;
+    if (r[1] < 0 || r[2] < 0 || r[3] < 0 || r[4] < 0 || r[5] < 0 || r[1] + int64_t(r[2]) > K ||
+        r[3] + blocks * r[0] > nwords || r[4] + (r[2] + group_size - 1) / group_size > ngroups ||
+        r[5] + blocks * xbit::kBlock > Kp)
+      return -5;
+    segs[i] = {r[0], r[2], r[3], r[4], r[5], r[1]};
+  }
+  return 0;
+}
+
+// R^T x of a layer stored in a rotated basis, row m of x (float32 or bfloat16) into out (float32 [K]).
+void rotate_row(const void* x, int x_bf16, int64_t m, int64_t K, const float* signs, int rot_block, int64_t k0,
+                float* out) {
+  for (int j = 0; j < rot_block; ++j) out[j] = load_x(x, x_bf16, m * K + k0 + j) * signs[k0 + j];
+  hadamard_block(out, rot_block);
+}
+
 }  // namespace
 
 extern "C" {
@@ -144,16 +167,8 @@ int xbit_cpu_matmul(int isa, int threads, const void* x, int x_bf16, int64_t M, 
   if (!isa_supported(isa)) return -2;
   if (threads < 1) threads = 1;
   std::vector<xbit::Seg> segs(nseg);
-  for (int i = 0; i < nseg; ++i) {  // O(segments) per call: every row must lie inside the buffers
-    const int32_t* r = seg_table + 6 * i;
-    if (r[0] < 1 || r[0] > 8) return -3;
-    const int64_t blocks = (int64_t(r[2]) + xbit::kBlock - 1) / xbit::kBlock;
-    if (r[1] < 0 || r[2] < 0 || r[3] < 0 || r[4] < 0 || r[5] < 0 || r[1] + int64_t(r[2]) > K ||
-        r[3] + blocks * r[0] > nwords || r[4] + (r[2] + group_size - 1) / group_size > ngroups ||
-        r[5] + blocks * xbit::kBlock > Kp)
-      return -5;
-    segs[i] = {r[0], r[2], r[3], r[4], r[5]};
-  }
+  const int rc = read_segs(seg_table, nseg, K, nwords, group_size, ngroups, Kp, segs.data());
+  if (rc != 0) return rc;
   // every element of these is written below (padding included): no value-initialisation
   std::unique_ptr<float[]> xp(new float[size_t(M * Kp)]), gsum(new float[size_t(M * ngroups)]);
   xbit::Args a{xp.get(), gsum.get(), qweight, scales, zeros, segs.data(), y, N, Kp, ngroups, nseg, group_size};
@@ -191,9 +206,7 @@ int xbit_cpu_matmul(int isa, int threads, const void* x, int x_bf16, int64_t M, 
 #pragma omp for schedule(static)
     for (int64_t it = 0; it < nrot; ++it) {  // one block of one row each
       const int64_t m = it / (K / rot_block), k0 = (it % (K / rot_block)) * rot_block;
-      float* v = xr.get() + m * K + k0;
-      for (int j = 0; j < rot_block; ++j) v[j] = load_x(x, x_bf16, m * K + k0 + j) * signs[k0 + j];
-      hadamard_block(v, rot_block);
+      rotate_row(x, x_bf16, m, K, signs, rot_block, k0, xr.get() + m * K + k0);
     }
 #pragma omp for schedule(static)
     for (int64_t it = 0; it < M * ng; ++it) {  // gather x into storage order, zero padding, sum each group
@@ -224,6 +237,38 @@ int xbit_cpu_matmul(int isa, int threads, const void* x, int x_bf16, int64_t M, 
         fn(a, n0, n1, m0, int(M - m0 < xbit::kMaxRows ? M - m0 : xbit::kMaxRows));
     }
   }
+  return 0;
+}
+
+// Rows `rows` (int64 [count], each in 0..N-1) of a layer's weight as float32 [count, K] in the original column order
+// (0-bit columns 0), the same numbers as xbit.format.dequantize; the other arguments as xbit_cpu_matmul's. Returns 0,
+// or < 0 on bad arguments (-6: a row outside the layer).
+int xbit_cpu_dequantize(int threads, int64_t K, const int32_t* perm, const int32_t* qweight, int64_t nwords,
+                        const uint16_t* scales, const uint16_t* zeros, int64_t N, const int32_t* seg_table,
+                        int32_t nseg, int32_t group_size, int64_t ngroups, int64_t Kp, const int64_t* rows,
+                        int64_t count, float* out) {
+  if (group_size <= 0 || group_size % xbit::kBlock != 0) return -1;
+  for (int64_t i = 0; i < count; ++i)
+    if (rows[i] < 0 || rows[i] >= N) return -6;
+  std::vector<xbit::Seg> segs(nseg);
+  const int rc = read_segs(seg_table, nseg, K, nwords, group_size, ngroups, Kp, segs.data());
+  if (rc != 0) return rc;
+  xbit::Args a{nullptr, nullptr, qweight, scales, zeros, segs.data(), nullptr, N, Kp, ngroups, nseg, group_size};
+  a.K = K;
+#pragma omp parallel for schedule(static, 16) num_threads(threads < 1 ? 1 : threads)
+  for (int64_t i = 0; i < count; ++i) xbit::dequantize_row(a, perm, rows[i], out + i * K);
+  return 0;
+}
+
+// out (float32 [M, K]) = R^T x for each row of x (float32, or bfloat16 when x_bf16): the input of a layer stored in
+// a rotated basis (signs float32 [K], rot_block a power of two dividing K). Returns 0, or < 0 on bad arguments.
+int xbit_cpu_rotate(int threads, const void* x, int x_bf16, int64_t M, int64_t K, const float* signs,
+                    int32_t rot_block, float* out) {
+  if (rot_block < 1 || (rot_block & (rot_block - 1)) || K % rot_block) return -4;
+  const int64_t per = K / rot_block;
+#pragma omp parallel for schedule(static) num_threads(threads < 1 ? 1 : threads)
+  for (int64_t it = 0; it < M * per; ++it)
+    rotate_row(x, x_bf16, it / per, K, signs, rot_block, (it % per) * rot_block, out + it * rot_block);
   return 0;
 }
 

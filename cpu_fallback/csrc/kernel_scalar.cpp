@@ -61,6 +61,29 @@ void seg_scalar(const Args& a, const Seg& s, int64_t n0, int nw, int64_t m0, int
   }
 }
 
+template <int B>
+void dequantize_seg(const Args& a, const Seg& s, const int32_t* perm, int64_t n, float* row) {
+  // one output row: its B words of each block are read together (a tile's rows share their cache lines), its
+  // weights written along the row
+  constexpr uint64_t mask = (1u << B) - 1;
+  const int nblk = (s.cols + kBlock - 1) / kBlock;
+  for (int blk = 0; blk < nblk; ++blk) {
+    const int32_t* q = a.qweight + int64_t(s.word_start + blk * B) * a.N + n;
+    uint32_t w[B + 1];
+    for (int i = 0; i < B; ++i) w[i] = uint32_t(q[int64_t(i) * a.N]);
+    w[B] = 0;
+    const int64_t g = s.group_start + int64_t(blk) * kBlock / a.group_size;
+    const float sc = half_to_float(a.scales[g * a.N + n]), z = half_to_float(a.zeros[g * a.N + n]);
+    const int32_t* cols = perm + s.start + blk * kBlock;
+    const int jn = std::min(kBlock, s.cols - blk * kBlock);
+    for (int j = 0; j < jn; ++j) {
+      const int wi = j * B / 32, sh = j * B % 32;
+      const uint64_t v = w[wi] | (uint64_t(w[wi + 1]) << 32);
+      row[cols[j]] = sc * (float((v >> sh) & mask) - z);
+    }
+  }
+}
+
 }  // namespace
 
 void quantize_group_bytes(const Args& a, int64_t m, const Seg& s, int b0, int64_t g, int8_t* xq, float* xs) {
@@ -110,6 +133,24 @@ void range_scalar(const Args& a, int64_t n0, int64_t n1, int64_t m0, int mc) {
         case 8: seg_scalar<8>(a, s, n, nw, m0, mc); break;
         default: break;  // 0-bit columns store nothing; the binding never passes them
       }
+    }
+  }
+}
+
+void dequantize_row(const Args& a, const int32_t* perm, int64_t n, float* row) {
+  std::fill(row, row + a.K, 0.0f);  // 0-bit columns
+  for (int i = 0; i < a.nseg; ++i) {
+    const Seg& s = a.segs[i];
+    switch (s.bits) {
+      case 1: dequantize_seg<1>(a, s, perm, n, row); break;
+      case 2: dequantize_seg<2>(a, s, perm, n, row); break;
+      case 3: dequantize_seg<3>(a, s, perm, n, row); break;
+      case 4: dequantize_seg<4>(a, s, perm, n, row); break;
+      case 5: dequantize_seg<5>(a, s, perm, n, row); break;
+      case 6: dequantize_seg<6>(a, s, perm, n, row); break;
+      case 7: dequantize_seg<7>(a, s, perm, n, row); break;
+      case 8: dequantize_seg<8>(a, s, perm, n, row); break;
+      default: break;
     }
   }
 }

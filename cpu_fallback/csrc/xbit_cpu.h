@@ -12,6 +12,7 @@ constexpr int kMaxRows = 64; // activation rows per pass of the blocked GEMM (bo
 // One segment with bits > 0, in storage order.
 struct Seg {
   int32_t bits, cols, word_start, group_start, xoff;  // xoff: first column of the segment in the padded x
+  int32_t start;  // first storage position (index into perm)
 };
 
 struct Args {
@@ -27,6 +28,7 @@ struct Args {
   // integer GEMVs only (avx512vnni, avx2; nullptr otherwise): x quantized by quantize_group_vnni/_bytes
   const int8_t* xq = nullptr;  // [M, Kp / 32 * 128] bytes
   const float* xs = nullptr;   // [M, ngroups, 2]: scale of the group's quantized x, and its sum
+  int64_t K = 0;               // the layer's input features (dequantize_row only)
 };
 
 // Each ISA computes y[m0:m0+mc, n0:n1] for all segments; mc <= kMaxRows.
@@ -41,6 +43,11 @@ void range_avx512vnni(const Args& a, int64_t n0, int64_t n1, int64_t m0, int mc)
 void quantize_group_vnni(const Args& a, int64_t m, const Seg& s, int b0, int64_t g, int8_t* xq, float* xs);
 // The same for the integer AVX2 GEMV, in portable code (the layout and numbers of quantize_group_vnni).
 void quantize_group_bytes(const Args& a, int64_t m, const Seg& s, int b0, int64_t g, int8_t* xq, float* xs);
+// Output row n of the weight into row (float32 [K], the original column order, 0-bit columns 0): scale * (code -
+// zero) as xbit.format.dequantize computes it, to the bit. Uses a.qweight, scales, zeros, segs, nseg, N, K,
+// group_size.
+void dequantize_row(const Args& a, const int32_t* perm, int64_t n, float* row);
+
 constexpr int kVnniMaxGroup = 65536;  // int32 accumulators of one group: 255 * 128 * group_size < 2^31
 
 }  // namespace xbit

@@ -17,7 +17,7 @@ import torch
 
 import cpu_fallback as cf
 from cpu_fallback._lib import ISAS as ALL_ISAS
-from xbit.format import reference_matmul
+from xbit.format import dequantize, reference_matmul
 from xbit.modules import XbitLinear
 from xbit.rtn import quantize_weight_rtn
 
@@ -261,3 +261,61 @@ def test_buffers_replaced_after_the_plan_are_checked_again():
     layer.qweight = layer.qweight[:-3].clone()  # fewer words than the segment table indexes
     with pytest.raises(ValueError, match="layer buffers do not match"):
         cf.matmul(x, layer)
+
+
+@needs_lib
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("group_size", [128, 32])
+def test_dequantize_is_the_reference_to_the_bit(layout, group_size):
+    layer = make_layer(layout, group_size)
+    want = dequantize(layer.qweight, layer.scales, layer.zeros, layer.perm, layer.bits, layer.group_size)
+    assert torch.equal(cf.dequantize(layer, threads=2), want)
+    assert torch.equal(cf.dequantize(layer, slice(10, 60), threads=1), want[10:60])
+    rows = torch.tensor([96, 3, 3, 0, 50])  # any order, repeats (an embedding's lookups)
+    assert torch.equal(cf.dequantize(layer, rows), want[rows])
+    with pytest.raises(IndexError, match="rows outside 0..96"):
+        cf.dequantize(layer, torch.tensor([97]))
+
+
+@needs_lib
+@pytest.mark.parametrize("layout", ["mixed", "u3", "u8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_many_rows_take_dequantize_and_blas(monkeypatch, layout, dtype):
+    # from GEMM_ROWS rows up (no ISA forced): the weight dequantized DEQUANT_CHUNK weights of rows at a time
+    monkeypatch.delenv("XBIT_CPU_ISA", raising=False)
+    monkeypatch.setattr(cf, "DEQUANT_CHUNK", 40 * IN)  # 3 chunks of 40, 40 and 17 rows
+    layer = make_layer(layout, 32)
+    calls = []
+    monkeypatch.setattr(cf._LIB, "xbit_cpu_matmul", lambda *a: calls.append(a))  # the packed kernel must not run
+    x = torch.randn(2, cf.GEMM_ROWS // 2 + 1, IN, generator=torch.Generator().manual_seed(1))
+    y = cf.matmul(x.to(dtype), layer)
+    assert not calls and y.dtype == dtype and y.shape == (2, cf.GEMM_ROWS // 2 + 1, OUT)
+    assert rel_err(y, reference(x, layer)) < (1e-6 if dtype == torch.float32 else 5e-3)
+
+
+@needs_lib
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_many_rows_of_a_rotated_layer_rotate_x_first(monkeypatch, dtype):
+    from xbit.rotation import pack_signs, random_signs, rotate
+
+    monkeypatch.delenv("XBIT_CPU_ISA", raising=False)
+    k, block, g = 192, 64, torch.Generator().manual_seed(5)
+    bits = torch.tensor([2, 3, 4, 8], dtype=torch.uint8).repeat(k // 4)
+    perm = torch.argsort(bits.long() * 1000 + torch.randperm(k, generator=g), stable=True)
+    signs = random_signs(k, "layer", 0)
+    tensors = quantize_weight_rtn(torch.randn(50, k, generator=g), bits, perm, 32)
+    layer = XbitLinear.from_tensors({**tensors, "rot_signs": pack_signs(signs)}, None, 32, rotation_block=block)
+    x = torch.randn(cf.GEMM_ROWS, k, generator=g)
+    want = reference_matmul(rotate(x, signs, block), layer.qweight, layer.scales, layer.zeros, layer.perm,
+                            layer.bits, 32)
+    assert rel_err(cf.matmul(x.to(dtype), layer), want) < (1e-6 if dtype == torch.float32 else 5e-3)
+
+
+@needs_lib
+def test_blas_path_forced_for_a_small_batch(monkeypatch):
+    layer = make_layer("mixed", 32)
+    monkeypatch.setattr(cf._LIB, "xbit_cpu_matmul", lambda *a: pytest.fail("the packed kernel ran"))
+    x = torch.randn(3, IN, generator=torch.Generator().manual_seed(3))
+    assert rel_err(cf.matmul(x, layer, isa=cf.BLAS), reference(x, layer)) < 1e-6
+    monkeypatch.setenv("XBIT_CPU_ISA", cf.BLAS)
+    assert rel_err(cf.CpuKernel.run(x, layer), reference(x, layer)) < 1e-6
