@@ -27,12 +27,18 @@ BIG_TABLE = 1 << 26
 CHUNK = 1 << 24
 
 
+def big(out_features: int, in_features: int) -> bool:
+    """A table never expanded whole (more than BIG_TABLE weights): lookups make the rows they read, products go a
+    chunk of rows at a time (rows_product)."""
+    return out_features * in_features > BIG_TABLE
+
+
 def rows_product(x: torch.Tensor, weight_rows, out_features: int, in_features: int) -> torch.Tensor:
     """x @ W^T, W made by weight_rows(rows) -> W[rows] (a slice of output rows; differentiable in whatever W is
     made of: error gates, grid parameters). A big W (more than BIG_TABLE weights) goes CHUNK weights' rows at a
     time, each chunk's weight made again in the backward pass instead of kept (activation checkpointing), so that
     it never exists whole: 64 MB at a time instead of several 2.1 GB copies."""
-    if out_features * in_features <= BIG_TABLE:
+    if not big(out_features, in_features):
         return F.linear(x, weight_rows(slice(None)).to(x.dtype))
     step = max(1, CHUNK // in_features)
 

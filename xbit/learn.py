@@ -89,7 +89,7 @@ class ErrorGates:
     def _lookup_hook(self, i, name):
         def hook(module, inputs, output):
             ids = inputs[0]
-            if module.weight.numel() > blockwise.BIG_TABLE:  # only the rows read
+            if blockwise.big(*module.weight.shape):  # only the rows read
                 read, ids = ids.unique(return_inverse=True)
                 d = self.delta(name, output.device, read)
             else:
@@ -100,7 +100,7 @@ class ErrorGates:
 
     def _gated_linear(self, i, name, module):
         def forward(x):
-            big = module.weight.numel() > blockwise.BIG_TABLE
+            big = blockwise.big(*module.weight.shape)
 
             def weight_rows(rows):  # W + t * (Q - W), the rows asked for
                 d = self.delta(name, x.device, rows if big else None)

@@ -80,7 +80,7 @@ class TunableGrid:
         return dequantize_unpacked(codes.to(d), self.group.to(d), self.cols.to(d), scale, zero, m.in_features)
 
     def big(self) -> bool:
-        return self.module.in_features * self.module.out_features > blockwise.BIG_TABLE
+        return blockwise.big(self.module.out_features, self.module.in_features)
 
     def write_back(self):
         with torch.no_grad():

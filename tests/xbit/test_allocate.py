@@ -216,6 +216,9 @@ def test_learning_scores_the_compensated_errors_the_checkpoint_will_have():
     r = quantize_weight_rtn(lin.weight, bits, storage_order(bits, h.diagonal()), 32, "mse")
     w = xbit.format.dequantize(r["qweight"], r["scales"], r["zeros"], r["perm"], r["bits"], 32)
     torch.testing.assert_close(plain, w - lin.weight, rtol=0, atol=0)
+    rows = torch.tensor([47, 0, 5, 5])  # a big table's lookups: the rows read, in any order (the C++ dequantizer)
+    delta = FinalLayers({"l": lin}, meas, 32, 0.01, "mse", False, "cpu").delta("l", bits)
+    torch.testing.assert_close(delta(rows), (w - lin.weight)[rows], rtol=0, atol=0)
 
 
 def test_default_floor_of_two_bits_is_lowered_only_where_the_size_needs_it():
