@@ -147,17 +147,7 @@ void range_avx2int(const Args& a, int64_t n0, int64_t n1, int64_t m0, int mc) {
   const int64_t nv = n0 + (n1 - n0) / V::L * V::L;  // full tiles; the rest goes to the scalar path
   for (int i = 0; i < a.nseg && nv > n0; ++i) {
     const Seg& s = a.segs[i];
-    switch (s.bits) {
-      case 1: seg_gemv<1>(a, s, n0, nv, mc); break;
-      case 2: seg_gemv<2>(a, s, n0, nv, mc); break;
-      case 3: seg_gemv<3>(a, s, n0, nv, mc); break;
-      case 4: seg_gemv<4>(a, s, n0, nv, mc); break;
-      case 5: seg_gemv<5>(a, s, n0, nv, mc); break;
-      case 6: seg_gemv<6>(a, s, n0, nv, mc); break;
-      case 7: seg_gemv<7>(a, s, n0, nv, mc); break;
-      case 8: seg_gemv<8>(a, s, n0, nv, mc); break;
-      default: break;
-    }
+    with_depth(s.bits, [&](auto b) { seg_gemv<decltype(b)::value>(a, s, n0, nv, mc); });
   }
   if (nv < n1) range_scalar(a, nv, n1, m0, mc);
 }

@@ -122,17 +122,7 @@ void range_scalar(const Args& a, int64_t n0, int64_t n1, int64_t m0, int mc) {
     const int nw = int(std::min<int64_t>(kLanes, n1 - n));
     for (int i = 0; i < a.nseg; ++i) {
       const Seg& s = a.segs[i];
-      switch (s.bits) {
-        case 1: seg_scalar<1>(a, s, n, nw, m0, mc); break;
-        case 2: seg_scalar<2>(a, s, n, nw, m0, mc); break;
-        case 3: seg_scalar<3>(a, s, n, nw, m0, mc); break;
-        case 4: seg_scalar<4>(a, s, n, nw, m0, mc); break;
-        case 5: seg_scalar<5>(a, s, n, nw, m0, mc); break;
-        case 6: seg_scalar<6>(a, s, n, nw, m0, mc); break;
-        case 7: seg_scalar<7>(a, s, n, nw, m0, mc); break;
-        case 8: seg_scalar<8>(a, s, n, nw, m0, mc); break;
-        default: break;  // 0-bit columns store nothing; the binding never passes them
-      }
+      with_depth(s.bits, [&](auto b) { seg_scalar<decltype(b)::value>(a, s, n, nw, m0, mc); });
     }
   }
 }
@@ -141,17 +131,7 @@ void dequantize_row(const Args& a, const int32_t* perm, int64_t n, float* row) {
   std::fill(row, row + a.K, 0.0f);  // 0-bit columns
   for (int i = 0; i < a.nseg; ++i) {
     const Seg& s = a.segs[i];
-    switch (s.bits) {
-      case 1: dequantize_seg<1>(a, s, perm, n, row); break;
-      case 2: dequantize_seg<2>(a, s, perm, n, row); break;
-      case 3: dequantize_seg<3>(a, s, perm, n, row); break;
-      case 4: dequantize_seg<4>(a, s, perm, n, row); break;
-      case 5: dequantize_seg<5>(a, s, perm, n, row); break;
-      case 6: dequantize_seg<6>(a, s, perm, n, row); break;
-      case 7: dequantize_seg<7>(a, s, perm, n, row); break;
-      case 8: dequantize_seg<8>(a, s, perm, n, row); break;
-      default: break;
-    }
+    with_depth(s.bits, [&](auto b) { dequantize_seg<decltype(b)::value>(a, s, perm, n, row); });
   }
 }
 

@@ -3,11 +3,29 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace xbit {
 
 constexpr int kBlock = 32;   // columns per packed block (32 codes of b bits = b int32 words)
 constexpr int kMaxRows = 64; // activation rows per pass of the blocked GEMM (bounds the per-tile buffers)
+
+// f(std::integral_constant<int, B>{}) for a segment's depth B = bits in 1..8 (0-bit columns store nothing): where
+// a run-time depth becomes the compile-time one each kernel is specialised for.
+template <class F>
+inline void with_depth(int bits, F&& f) {
+  switch (bits) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    default: break;
+  }
+}
 
 // One segment with bits > 0, in storage order.
 struct Seg {

@@ -50,6 +50,23 @@ def reference(x, layer):
                             layer.bias.to(x.dtype))
 
 
+def rotated_layer_and_reference(batch: int):
+    """A mixed-depth layer stored in a rotated basis (Hadamard blocks of 64), x [batch, 192], and the reference
+    product (R^T x through xbit.rotation, then reference_matmul)."""
+    from xbit.rotation import pack_signs, random_signs, rotate
+
+    k, block, g = 192, 64, torch.Generator().manual_seed(5)
+    bits = torch.tensor([2, 3, 4, 8], dtype=torch.uint8).repeat(k // 4)
+    perm = torch.argsort(bits.long() * 1000 + torch.randperm(k, generator=g), stable=True)
+    signs = random_signs(k, "layer", 0)
+    tensors = quantize_weight_rtn(torch.randn(50, k, generator=g), bits, perm, 32)
+    layer = XbitLinear.from_tensors({**tensors, "rot_signs": pack_signs(signs)}, None, 32, rotation_block=block)
+    x = torch.randn(batch, k, generator=g)
+    want = reference_matmul(rotate(x, signs, block), layer.qweight, layer.scales, layer.zeros, layer.perm,
+                            layer.bits, 32)
+    return layer, x, want
+
+
 def rel_err(y, y_ref):
     return ((y.float() - y_ref.float()).norm() / y_ref.float().norm()).item()
 
@@ -117,17 +134,7 @@ def test_gemv_wide_layer(isa, batch, group_size):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rotated_layer_rotates_x_in_the_kernel(isa, batch, dtype):
     """A layer stored in a rotated basis: the kernel computes R^T x (signs, blockwise fast Hadamard) itself."""
-    from xbit.rotation import pack_signs, random_signs, rotate
-
-    k, block, g = 192, 64, torch.Generator().manual_seed(5)
-    bits = torch.tensor([2, 3, 4, 8], dtype=torch.uint8).repeat(k // 4)
-    perm = torch.argsort(bits.long() * 1000 + torch.randperm(k, generator=g), stable=True)
-    signs = random_signs(k, "layer", 0)
-    tensors = quantize_weight_rtn(torch.randn(50, k, generator=g), bits, perm, 32)
-    layer = XbitLinear.from_tensors({**tensors, "rot_signs": pack_signs(signs)}, None, 32, rotation_block=block)
-    x = torch.randn(batch, k, generator=g)
-    want = reference_matmul(rotate(x, signs, block), layer.qweight, layer.scales, layer.zeros, layer.perm,
-                            layer.bits, 32)
+    layer, x, want = rotated_layer_and_reference(batch)
     y = cf.matmul(x.to(dtype), layer, threads=2, isa=isa)
     assert cf.CpuKernel.fuses_rotation and y.dtype == dtype
     assert rel_err(y, want) < (f32_tol(isa, batch) if dtype == torch.float32 else 5e-3)
@@ -296,18 +303,8 @@ def test_many_rows_take_dequantize_and_blas(monkeypatch, layout, dtype):
 @needs_lib
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_many_rows_of_a_rotated_layer_rotate_x_first(monkeypatch, dtype):
-    from xbit.rotation import pack_signs, random_signs, rotate
-
     monkeypatch.delenv("XBIT_CPU_ISA", raising=False)
-    k, block, g = 192, 64, torch.Generator().manual_seed(5)
-    bits = torch.tensor([2, 3, 4, 8], dtype=torch.uint8).repeat(k // 4)
-    perm = torch.argsort(bits.long() * 1000 + torch.randperm(k, generator=g), stable=True)
-    signs = random_signs(k, "layer", 0)
-    tensors = quantize_weight_rtn(torch.randn(50, k, generator=g), bits, perm, 32)
-    layer = XbitLinear.from_tensors({**tensors, "rot_signs": pack_signs(signs)}, None, 32, rotation_block=block)
-    x = torch.randn(cf.GEMM_ROWS, k, generator=g)
-    want = reference_matmul(rotate(x, signs, block), layer.qweight, layer.scales, layer.zeros, layer.perm,
-                            layer.bits, 32)
+    layer, x, want = rotated_layer_and_reference(cf.GEMM_ROWS)
     assert rel_err(cf.matmul(x.to(dtype), layer), want) < (1e-6 if dtype == torch.float32 else 5e-3)
 
 
