@@ -320,10 +320,11 @@ def _quantize_xbit(model, tokenizer, linears, replace, budget, texts, device, se
         held_teacher = Teacher(model, held_ids, device) if allocation == "learned" or o.tune_epochs else None
         train_teacher = None
         if o.tune_epochs:
-            reuse = last_hidden is not None and world()[1] == 1  # (a process measures only its share of them)
+            # the measurement's last hidden states serve as the teacher's (a process measures only its share)
+            measured = last_hidden is not None and world()[1] == 1
             n = ids.shape[0] if o.tune_samples is None else min(o.tune_samples, ids.shape[0])
             train_teacher = Teacher(model, ids[:n], device, normed=blockwise.normed(model, last_hidden, device)[:n]
-                                    .clone() if reuse else None)
+                                    .clone() if measured else None)
         del last_hidden
     tied_heads = {emb: model.get_submodule(head) for head, emb in (tied or {}).items()}
     final_layers = FinalLayers(linears, measurement, group_size, damp, grid, compensate, device)

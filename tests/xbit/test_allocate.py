@@ -279,3 +279,8 @@ def test_final_pass_reuse_keeps_the_learned_layers_and_sequential_requantizes(mo
             s = sequential.get_submodule(name)
             same = all(torch.equal(getattr(m, k), getattr(s, k)) for k in ("qweight", "scales", "zeros", "perm"))
             assert same == name.startswith("model.layers.0."), name
+    # with the tuning (whose teacher reuses the measurement's hidden states) the pass asked for still runs
+    xbit.quantize(tiny_llama(), tiny_tokenizer(), final_pass="sequential", **{**kw, "tune_epochs": 1})
+    assert len(passes) == 5
+    xbit.quantize(tiny_llama(), tiny_tokenizer(), final_pass="reuse", **{**kw, "tune_epochs": 1})
+    assert len(passes) == 6
