@@ -1,21 +1,35 @@
 """Benchmark the Triton x-bit kernel against fp16 torch.nn.functional.linear on Llama-3-8B shapes.
 
     python bench/kernels.py                 # needs a CUDA GPU and triton; prints one table
+    python bench/kernels.py --decode        # end-to-end decode of a random model with Qwen2.5-1.5B shapes
     python bench/kernels.py --dry-run       # no GPU: builds the layers on a tiny shape and runs the reference
                                             # (and the kernel through TRITON_INTERPRET=1 if triton is installed)
+    python bench/kernels.py --decode --dry-run   # the decode loop on a tiny random model, eager, on the CPU
 
-Per shape (out x in), bit mix and batch: kernel time (triton.testing.do_bench, median ms), achieved bytes/s
-(bytes the kernel must move: packed codes, scales, zeros, perm, activations, output) as a fraction of the
-device-to-device copy bandwidth measured in the same run, fp16 F.linear time and the speedup over it.
+Per shape (out x in), bit mix and batch (triton.testing.do_bench, median ms): the layer's whole op as called
+(eager: Python, dispatch, launch), and under CUDA graphs (captured once, replayed: GPU time only) the kernel alone,
+the whole op, and fp16 F.linear; achieved bytes/s of the kernel alone (bytes it must move: packed codes, scales,
+zeros, perm, activations, output) as a fraction of the device-to-device copy bandwidth measured in the same run,
+and the speedup of the whole op over fp16, both under graphs.
+
+--decode: a randomly initialised Qwen2 model with Qwen2.5-1.5B's shapes (28 blocks, hidden 1536, MLP 8960, 12/2
+heads, untied 151,936-row head), in fp16 and with every block linear and the head as x-bit layers (--bits: 2.5 =
+the mix2.5 columns, 3 and 4 uniform; random RTN codes: speed depends on the layout, not on the values); greedy
+decode after a --prompt-token prompt with a static KV cache, tokens/s eager and with one decode step captured as a
+CUDA graph (what a server replays per token), and the ratio to fp16 under the same loop.
 """
 
 import argparse
 import os
 import sys
+import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# run as a script, this folder comes first on sys.path and this file would shadow the `kernels` package that
+# transformers imports: the repository root takes its place
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
 from xbit.format import reference_matmul  # noqa: E402
 from xbit.modules import XbitLinear  # noqa: E402
@@ -38,8 +52,10 @@ def mix_counts(fractions: dict, in_features: int) -> list[int]:
     return counts
 
 
-def build_layer(out: int, in_features: int, fractions: dict, group_size: int, device, seed: int = 0) -> XbitLinear:
-    """A random RTN layer with the given bit mix; perm makes bits[perm] one run per depth."""
+def build_layer(out: int, in_features: int, fractions: dict, group_size: int, device, seed: int = 0,
+                weight: torch.Tensor | None = None) -> XbitLinear:
+    """An RTN layer of `weight` (default: random) with the given bit mix; perm makes bits[perm] one run per
+    depth."""
     g = torch.Generator().manual_seed(seed)
     counts = mix_counts(fractions, in_features)
     bits = torch.cat([torch.full((c,), b, dtype=torch.uint8) for b, c in enumerate(counts)])
@@ -47,8 +63,9 @@ def build_layer(out: int, in_features: int, fractions: dict, group_size: int, de
     # storage order: columns shuffled, then sorted by depth (stable), so that each depth is one contiguous run
     shuffle = torch.randperm(in_features, generator=g)
     perm = shuffle[torch.argsort(-bits[shuffle].long(), stable=True)]
-    weight = torch.randn(out, in_features, generator=g).to(device) * 0.02
-    tensors = quantize_weight_rtn(weight, bits.to(device), perm.to(device), group_size)
+    if weight is None:
+        weight = torch.randn(out, in_features, generator=g).to(device) * 0.02
+    tensors = quantize_weight_rtn(weight.float(), bits.to(device), perm.to(device), group_size)
     return XbitLinear.from_tensors(tensors, None, group_size)
 
 
@@ -68,6 +85,123 @@ def copy_bandwidth(do_bench) -> float:
     b = torch.empty_like(a)
     ms = do_bench(lambda: b.copy_(a), warmup=25, rep=200)
     return 2 * a.numel() * a.element_size() / (ms * 1e-3)
+
+
+def graph_ms(fn, do_bench) -> float:
+    """Median ms of fn replayed as a CUDA graph: captured after a warm-up call on a side stream (which also
+    autotunes), so the time is the GPU's alone, without Python or launch overhead."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return do_bench(graph.replay, warmup=25, rep=100)
+
+
+# ---------------------------------------------------------------- end-to-end decode
+
+QWEN_1_5B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=False, max_position_embeddings=4096)
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=512, tie_word_embeddings=False, max_position_embeddings=256)
+DECODE_MIXES = {2.5: "mix2.5", 3.0: "u3", 4.0: "u4"}
+
+
+def random_model(shapes: dict, device, bits: float | None, group_size: int):
+    """A random Qwen2 model in fp16 (float32 on the CPU), its block linears and head x-bit layers unless bits is
+    None."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from xbit.hf import set_submodule
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2ForCausalLM(Qwen2Config(**shapes)).eval()
+    model = model.to(torch.float16 if device == "cuda" else torch.float32)
+    if bits is not None:
+        names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+        for i, name in enumerate(names):
+            lin = model.get_submodule(name)
+            layer = build_layer(lin.out_features, lin.in_features, MIXES[DECODE_MIXES[bits]], group_size, device,
+                                seed=i, weight=lin.weight.data)
+            set_submodule(model, name, layer)
+    return model
+
+
+@torch.no_grad()
+def decode_tokens_per_s(model, prompt: int, new: int, graph: bool) -> float:
+    """Greedy decode of `new` tokens after a random `prompt` with a static KV cache, one step at a time (eager),
+    or each step a replay of one captured CUDA graph (graph=True)."""
+    from transformers import StaticCache
+
+    device = next(model.parameters()).device
+    cache = StaticCache(config=model.config, max_cache_len=prompt + new + 2)
+    ids = torch.randint(model.config.vocab_size, (1, prompt), device=device)
+    logits = model(ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(prompt, device=device))
+    tok = logits.logits[:, -1:].argmax(-1)
+    pos = torch.tensor([prompt], device=device)
+
+    def step():
+        out = model(tok, past_key_values=cache, use_cache=True, cache_position=pos).logits[:, -1:].argmax(-1)
+        tok.copy_(out)
+        pos.add_(1)
+
+    if graph:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()  # warm-up: autotuning and the cache's first write happen outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            step()
+        run = g.replay
+    else:
+        run = step
+    pos.fill_(prompt)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(new):
+        run()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return new / (time.perf_counter() - t)
+
+
+def decode(args) -> int:
+    """Tokens/s of fp16 and each --bits model, eager and under a CUDA graph, side by side."""
+    device = "cpu" if args.dry_run else "cuda"
+    if args.dry_run:
+        os.environ.setdefault("XBIT_CPU_THREADS", "2")
+    shapes = TINY if args.dry_run else QWEN_1_5B
+    prompt, new = (8, 4) if args.dry_run else (args.prompt_tokens, args.new_tokens)
+    print(f"decode: random Qwen2 {shapes['num_hidden_layers']} blocks, hidden {shapes['hidden_size']}, vocab "
+          f"{shapes['vocab_size']}; prompt {prompt}, {new} new tokens, greedy, static cache"
+          + ("" if args.dry_run else f"; {torch.cuda.get_device_name()}"))
+    print(f"{'model':>8s} {'weights MB':>10s} {'eager tok/s':>11s} {'graph tok/s':>11s} {'x fp16 (graph)':>14s}")
+    base = None
+    for bits in [None] + args.bits:
+        model = random_model(shapes, device, bits, args.group_size)
+        mb = sum(b.numel() * b.element_size() for b in list(model.parameters()) + list(model.buffers())) / 1e6
+        eager = decode_tokens_per_s(model, prompt, new, graph=False)
+        graphed, note = float("nan"), ""
+        if device == "cuda":
+            try:
+                graphed = decode_tokens_per_s(model, prompt, new, graph=True)
+            except Exception as e:  # noqa: BLE001 (reported, the row is kept)
+                note = f"  graph capture failed: {str(e).splitlines()[0][:100]}"
+        ref = graphed if graphed == graphed else eager
+        base = ref if bits is None else base
+        name = "fp16" if bits is None else f"{bits:g} bits"
+        print(f"{name:>8s} {mb:10.0f} {eager:11.1f} {graphed:11.1f} {ref / base:13.2f}x{note}")
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return 0
 
 
 def dry_run(args) -> int:
@@ -103,7 +237,14 @@ def main(argv=None) -> int:
     p.add_argument("--batches", type=int, nargs="+", default=BATCHES)
     p.add_argument("--mixes", nargs="+", default=list(MIXES), choices=list(MIXES))
     p.add_argument("--shapes", nargs="+", default=[f"{o}x{i}" for o, i in SHAPES], help="OUTxIN")
+    p.add_argument("--decode", action="store_true", help="end-to-end decode tokens/s instead of the layer table")
+    p.add_argument("--bits", type=float, nargs="+", default=list(DECODE_MIXES), choices=list(DECODE_MIXES),
+                   help="--decode: the x-bit models beside fp16")
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=128)
     args = p.parse_args(argv)
+    if args.decode and (args.dry_run or torch.cuda.is_available()):
+        return decode(args)
     if args.dry_run:
         return dry_run(args)
     if not torch.cuda.is_available():
@@ -122,8 +263,8 @@ def main(argv=None) -> int:
 
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     print(f"measured copy bandwidth: {bw / 1e9:.0f} GB/s; group size {args.group_size}")
-    print(f"{'shape':>11s} {'mix':>7s} {'bits':>5s} {'batch':>5s} {'xbit ms':>8s} {'GB/s':>6s} {'%copy':>6s} "
-          f"{'fp16 ms':>8s} {'speedup':>7s} {'max err':>8s}")
+    print(f"{'shape':>11s} {'mix':>7s} {'bits':>5s} {'batch':>5s} {'op ms':>8s} {'kern g':>8s} {'op g':>8s} "
+          f"{'fp16 g':>8s} {'GB/s':>6s} {'%copy':>6s} {'speedup':>7s} {'max err':>8s}   (g: under a CUDA graph)")
     for shape in args.shapes:
         out, inf = (int(v) for v in shape.split("x"))
         w16 = torch.randn(out, inf, dtype=torch.float16, device="cuda") * 0.02
@@ -141,11 +282,16 @@ def main(argv=None) -> int:
                     ref = reference_matmul(x, layer.qweight, layer.scales, layer.zeros, layer.perm, layer.bits,
                                            layer.group_size)
                     err = (y.float() - ref.float()).abs().max().item()
-                ms = do_bench(lambda: triton_kernels.TritonKernel.run(x, layer), warmup=25, rep=100)
-                ms16 = do_bench(lambda: torch.nn.functional.linear(x, w16), warmup=25, rep=100)
-                gbs = kernel_bytes(layer, m) / (ms * 1e-3)
-                print(f"{shape:>11s} {name:>7s} {avg_bits(layer):5.2f} {m:5d} {ms:8.4f} {gbs / 1e9:6.0f} "
-                      f"{100 * gbs / bw:5.1f}% {ms16:8.4f} {ms16 / ms:6.2f}x {err:8.1e}")
+                ms = do_bench(lambda: layer(x), warmup=25, rep=100)  # the whole op, eager
+                perm, table, key = triton_kernels._layer_meta(layer)
+                kern = triton_kernels._kernels()
+                kern_g = graph_ms(lambda: kern.launch(x, layer.qweight, layer.scales, layer.zeros, perm, table,
+                                                      layer.group_size, None, key), do_bench)
+                op_g = graph_ms(lambda: layer(x), do_bench)
+                fp16_g = graph_ms(lambda: torch.nn.functional.linear(x, w16), do_bench)
+                gbs = kernel_bytes(layer, m) / (kern_g * 1e-3)
+                print(f"{shape:>11s} {name:>7s} {avg_bits(layer):5.2f} {m:5d} {ms:8.4f} {kern_g:8.4f} {op_g:8.4f} "
+                      f"{fp16_g:8.4f} {gbs / 1e9:6.0f} {100 * gbs / bw:5.1f}% {fp16_g / op_g:6.2f}x {err:8.1e}")
             del layer
             torch.cuda.empty_cache()
     return 0

@@ -8,10 +8,14 @@ Targets (each becomes one byte count shared by every method):
            xbit.sizes.gptq_checkpoint_bytes); rtn and gptq are that B-bit quantization itself there
   2.56     bits per weight over the whole checkpoint (bytes = bits x parameters / 8)
   60MB     a plain size (B, KB, MB, GB, KiB, MiB, GiB)
+  gguf:T   llama.cpp's importance-matrix file of type T (Q2_K, Q3_K_M, IQ2_XS, ...), made from the model and the
+           calibration sequences (eval.llamacpp; build it once with `python -m eval.llamacpp build`); method
+           llamacpp is that file, the other methods get its bytes less its metadata (the tokenizer)
 Elsewhere uniform methods (rtn, gptq) take the widest code width that fits; xbit fills the bytes. Every cell is
 evaluated on its checkpoint written to disk and loaded back, as users get it.
-Methods: rtn, gptq, xbit, and the xbit ablations xbit-uniform (the same bytes, the allocation forced uniform),
-xbit-float-emb (embedding table and head kept float16 as GPTQ keeps them: regime b), xbit-float-emb-uniform (both),
+Methods: rtn, gptq, xbit, llamacpp (only at gguf:T targets), and the xbit ablations xbit-uniform (the same
+bytes, the allocation forced uniform), xbit-float-emb (embedding table and head kept float16 as GPTQ keeps them:
+regime b), xbit-float-emb-uniform (both),
 xbit-no-rotation / xbit-float-emb-no-rotation (the layers quantized in their original basis),
 xbit-float-emb-minmax (min-max grids, as the baselines use), xbit-float-emb-no-tune (the grids as quantized, not
 trained end to end), xbit-float-emb-tune32 (the tuning on the first 32 calibration sequences only) and
@@ -57,7 +61,8 @@ METHODS = {"rtn": ("rtn", {}), "gptq": ("gptq", {}), "xbit": ("xbit", {}),
            "xbit-float-emb-minmax": ("xbit", {"quantize_embeddings": False, "grid": "minmax"}),
            "xbit-float-emb-no-tune": ("xbit", {"quantize_embeddings": False, "tune_epochs": 0}),
            "xbit-float-emb-tune32": ("xbit", {"quantize_embeddings": False, "tune_samples": 32}),
-           "xbit-float-emb-sequential": ("xbit", {"quantize_embeddings": False, "final_pass": "sequential"})}
+           "xbit-float-emb-sequential": ("xbit", {"quantize_embeddings": False, "final_pass": "sequential"}),
+           "llamacpp": ("llamacpp", {})}
 TEXT_SPLITS = ("sotu-eval", "sotu-calib", "moby")
 
 
@@ -78,12 +83,29 @@ def parameter_count(model) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def resolve_target(spec: str, model) -> int:
-    """A target string (gptq:B[:G], bits per weight, or a size) -> checkpoint file bytes. gptq:B is the file of a
-    standard GPTQ B-bit g128 checkpoint of the model (xbit.sizes.gptq_checkpoint_bytes)."""
+def _gguf_file(spec: str, args, model_path: str, tok) -> tuple[Path, dict]:
+    """The llama.cpp file of a gguf:TYPE target, made once in OUT/gguf on the calibration sequences."""
+    from eval import llamacpp
+    from xbit.calibrate import calibration_ids
+
+    if not Path(model_path).is_dir():
+        raise CompareError(f"target {spec}: llama.cpp converts a local model folder, not {model_path!r}")
+    texts = _calib_kwargs("gptq", args)["calib"]
+    # xbit's windows (default seed: the first calib_samples draws are xbit's own) and spare ones for llama.cpp
+    ids = calibration_ids(tok, texts, args.calib_samples + 8, args.calib_seq_len, seed=0)
+    work = Path(args.out) / "gguf" / f"calib-{args.calib_samples}x{args.calib_seq_len}"
+    return llamacpp.make(Path(model_path), spec.split(":", 1)[1], work, ids, args.calib_samples)
+
+
+def resolve_target(spec: str, model, gguf=None) -> int:
+    """A target string (gptq:B[:G], gguf:TYPE, bits per weight, or a size) -> checkpoint file bytes. gptq:B is the
+    file of a standard GPTQ B-bit g128 checkpoint of the model (xbit.sizes.gptq_checkpoint_bytes); gguf:TYPE is a
+    llama.cpp file less its metadata, made by gguf(spec) -> (path, info)."""
     import xbit
     from xbit.sizes import parse_size
 
+    if spec.strip().startswith("gguf:"):
+        return gguf(spec.strip())[1]["budget_bytes"]
     if spec.strip().startswith("gptq:"):
         try:
             return xbit.quantize.match_size(model, spec.strip())
@@ -189,6 +211,17 @@ def run_cell(ref_model, tok, method: str, target: str, target_bytes: int | None,
         model = ref_model
         cell["checkpoint_bytes"] = float_component_bytes(ref_model, set(), torch.float16)
         cell["bits_per_weight_total"] = 16.0
+    elif method == "llamacpp":
+        from eval import llamacpp
+
+        path, info = args._gguf(target)
+        model = llamacpp.load(path)
+        params = parameter_count(model)
+        cell.update(file_bytes=info["file_bytes"], checkpoint_bytes=info["file_bytes"],
+                    bits_per_weight_total=8 * info["file_bytes"] / params, gguf=str(path),
+                    quantize_seconds=round(info.get("imatrix_seconds", 0) + info["quantize_seconds"], 2),
+                    phase_seconds={k.removesuffix("_seconds"): round(v, 2) for k, v in info.items()
+                                   if k.endswith("_seconds")})
     else:
         model = copy.deepcopy(ref_model)
         base, extra = METHODS[method]
@@ -339,9 +372,11 @@ def run(args, argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)  # the xbit measurement is saved here before any cell is written
     texts = _load_texts(args.texts)
     ref, tok, model_path = _load_reference(args.model)
-    targets = {t: resolve_target(t, ref) for t in args.targets}
+    args._gguf = lambda spec: _gguf_file(spec, args, model_path, tok)
+    targets = {t: resolve_target(t, ref, args._gguf) for t in args.targets}
     settings = _settings(args)
-    available = {m for m, (base, _) in METHODS.items() if base in getattr(xbit.quantize, "METHODS", ())}
+    available = {m for m, (base, _) in METHODS.items()
+                 if base in getattr(xbit.quantize, "METHODS", ()) or base == "llamacpp"}
     plan = ([("reference", None)] if args.reference else []) + [(m, t) for t in args.targets for m in args.methods]
     cells = []
     for method, target in plan:
@@ -357,6 +392,11 @@ def run(args, argv=None) -> dict:
                 cells.append(old)
                 continue
             print(f"[compare] {key}: settings changed, recomputing", file=sys.stderr)
+        if method == "llamacpp" and not target.startswith("gguf:"):
+            cells.append({"key": key, "method": method, "target": target, "target_bytes": tbytes,
+                          "status": "skipped", "message": "llamacpp is made at gguf:TYPE targets only"})
+            print(f"[compare] {key}: skipped, {cells[-1]['message']}", file=sys.stderr)
+            continue
         if method != "reference" and method not in available:
             cells.append({"key": key, "method": method, "target": target, "target_bytes": tbytes,
                           "status": "skipped",

@@ -119,6 +119,23 @@ def split_range(seg_ptr, pid_k, SPLIT_K, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def segment_tiles(cols, t0, lo, hi, BLOCK_K: tl.constexpr):
+    """For a segment of `cols` columns whose tiles are numbered from t0: its tiles [a, b) (segment-local) that lie in
+    the split's [lo, hi), and its tile count (the next segment's t0 - t0)."""
+    nt = (cols + BLOCK_K - 1) // BLOCK_K
+    return tl.maximum(lo, t0) - t0, tl.minimum(hi, t0 + nt) - t0, nt
+
+
+@triton.jit
+def write_out(ptrs, val, mask, ATOMIC: tl.constexpr):
+    """Store y in its dtype, or add it atomically where the K range is split over programs (SPLIT_K > 1)."""
+    if ATOMIC:
+        tl.atomic_add(ptrs, val.to(ptrs.dtype.element_ty), mask=mask, sem="relaxed")
+    else:
+        tl.store(ptrs, val.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def segment_row(seg_ptr, i):
     """Row i of the segment table (triton_kernels.segment_table): bits, start, cols, word_start, group_start."""
     row = seg_ptr + i * 5

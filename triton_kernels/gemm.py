@@ -11,7 +11,7 @@ adds the partial products atomically into y (zeroed by the launcher) in y's dtyp
 import triton
 import triton.language as tl
 
-from .codes import code_float, ends_in, interleave, segment_row, split_range
+from .codes import code_float, ends_in, interleave, segment_row, segment_tiles, split_range, write_out
 
 
 @triton.jit
@@ -97,9 +97,7 @@ def xbit_gemm_kernel(x_ptr, perm_ptr, qw_ptr, s_ptr, z_ptr, seg_ptr, bias_ptr, y
     t0 = 0
     for i in range(8):
         bits, start, cols, word_start, group_start = segment_row(seg_ptr, i)
-        nt = (cols + BLOCK_K - 1) // BLOCK_K
-        a = tl.maximum(lo, t0) - t0
-        b = tl.minimum(hi, t0 + nt) - t0
+        a, b, nt = segment_tiles(cols, t0, lo, hi, BLOCK_K)
         if a < b:
             for k in tl.static_range(1, 9):
                 if (DEPTHS >> k) & 1:
@@ -114,7 +112,4 @@ def xbit_gemm_kernel(x_ptr, perm_ptr, qw_ptr, s_ptr, z_ptr, seg_ptr, bias_ptr, y
     if HAS_BIAS:
         if pid_k == 0:
             acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    if ATOMIC:  # SPLIT_K > 1
-        tl.atomic_add(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask, sem="relaxed")
-    else:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+    write_out(y_ptrs, acc, y_mask, ATOMIC)

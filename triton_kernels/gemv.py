@@ -21,7 +21,8 @@ Group sizes that are not a multiple of 32 fall back to a per-code scale and zero
 import triton
 import triton.language as tl
 
-from .codes import bitrev5, code_float, columns, ends_in, segment_row, split_range, x_factor
+from .codes import (bitrev5, code_float, columns, ends_in, segment_row, segment_tiles, split_range, write_out,
+                    x_factor)
 
 
 @triton.jit
@@ -121,9 +122,7 @@ def xbit_gemv_kernel(x_ptr, perm_ptr, qw_ptr, s_ptr, z_ptr, seg_ptr, bias_ptr, y
     t0 = 0
     for i in range(8):
         bits, start, cols, word_start, group_start = segment_row(seg_ptr, i)
-        nt = (cols + BLOCK_K - 1) // BLOCK_K
-        a = tl.maximum(lo, t0) - t0
-        b = tl.minimum(hi, t0 + nt) - t0
+        a, b, nt = segment_tiles(cols, t0, lo, hi, BLOCK_K)
         if a < b:
             for k in tl.static_range(1, 9):  # one constexpr-specialised loop per depth present
                 if (DEPTHS >> k) & 1:
@@ -136,7 +135,4 @@ def xbit_gemv_kernel(x_ptr, perm_ptr, qw_ptr, s_ptr, z_ptr, seg_ptr, bias_ptr, y
     if HAS_BIAS:
         if pid_k == 0:
             y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    if ATOMIC:  # SPLIT_K > 1
-        tl.atomic_add(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask, sem="relaxed")
-    else:
-        tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
+    write_out(y_ptr + offs_n, y, n_mask, ATOMIC)
