@@ -7,8 +7,8 @@
 Rows, all in one run on one machine: transformers `generate` in float32 and bfloat16 (the baseline), the same
 float32 model in xbit's static-cache loop (xbit.generate), and for every --bits an xbit model (embeddings and head
 included, like xbit checkpoints) in that loop. The xbit models for this benchmark are quantized with the allocation
-forced uniform and plain rounding from a few calibration samples: speed depends on the bit layout, not on how well
-the bits were chosen. tokens/s counts every new token over the whole call (prefill included); "x fp32" is the
+forced uniform and plain min-max rounding from a few calibration samples: speed depends on the bit layout, not on
+how well the bits were chosen. tokens/s counts every new token over the whole call (prefill included); "x fp32" is the
 ratio to the float32 transformers baseline.
 
 With --llamacpp TYPE...: llama.cpp (built by `python -m eval.llamacpp build`) beside xbit in the same run. The
@@ -73,8 +73,8 @@ def quantize_for_speed(model, tok, **target):
     from eval.perplexity import load_texts
 
     calib = load_texts(text_files("sotu-calib"))
-    q, _, report = xbit.quantize(model, tok, method="xbit", allocation="uniform", compensate=False, calib=calib,
-                                 calib_samples=4, seq_len=128, progress=False, **target)
+    q, _, report = xbit.quantize(model, tok, method="xbit", allocation="uniform", compensate=False, grid="minmax",
+                                 calib=calib, calib_samples=4, seq_len=128, progress=False, **target)
     return q, report
 
 
