@@ -8,8 +8,8 @@ Rows, all in one run on one machine: transformers `generate` in float32 and bflo
 float32 model in xbit's static-cache loop (xbit.generate), and for every --bits an xbit model (embeddings and head
 included, like xbit checkpoints) in that loop. The xbit models for this benchmark are quantized with the allocation
 forced uniform and plain min-max rounding from a few calibration samples: speed depends on the bit layout, not on
-how well the bits were chosen. tokens/s counts every new token over the whole call (prefill included); "x fp32" is the
-ratio to the float32 transformers baseline.
+how well the bits were chosen. tokens/s counts every new token over the whole call (prefill included); "x fp32" is
+the ratio to the float32 transformers baseline.
 
 With --llamacpp TYPE...: llama.cpp (built by `python -m eval.llamacpp build`) beside xbit in the same run. The
 float model is converted to GGUF and quantized to each TYPE (plain llama-quantize, no importance matrix: speed
