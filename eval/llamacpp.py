@@ -13,7 +13,6 @@ tokenizer, which xbit stores outside its counted .safetensors bytes), so xbit ne
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -24,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from eval.assets import AssetError, cache_dir
+from eval.assets import AssetError, _Parser, cache_dir
 
 SDIST = "llama-cpp-python==0.3.36"  # vendors llama.cpp 0c1e570
 TOOLS = ("llama-quantize", "llama-imatrix", "llama-bench", "llama-perplexity")
@@ -173,7 +172,7 @@ def load(path: Path):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m eval.llamacpp", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="python -m eval.llamacpp", description=__doc__.split("\n\n")[0])  # errors: one line
     parser.add_argument("cmd", choices=["build", "path"])
     args = parser.parse_args(argv)
     try:
