@@ -2,7 +2,7 @@
 (PyPI), run on xbit's own calibration sequences, and scored by xbit's perplexity code.
 
     pip install -e ".[eval,llamacpp]"    # its converter's Python needs
-    python -m eval.llamacpp build        # into $XBIT_CACHE/llama.cpp (needs cmake and a C++ compiler; ~10 min, 2 cores)
+    python -m eval.llamacpp build        # into $XBIT_CACHE/llama.cpp (needs cmake and a C++ compiler; ~5 min, 2 cores)
     python -m eval.llamacpp path         # the folder of its binaries
 
 `eval.compare --targets gguf:Q2_K ...` makes (once, cached in its run folder) the model's float16 GGUF, the
