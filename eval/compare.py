@@ -212,10 +212,10 @@ def run_cell(ref_model, tok, method: str, target: str, target_bytes: int | None,
         cell["checkpoint_bytes"] = float_component_bytes(ref_model, set(), torch.float16)
         cell["bits_per_weight_total"] = 16.0
     elif method == "llamacpp":
-        from eval import llamacpp
+        from eval.assets import load_gguf
 
         path, info = args._gguf(target)
-        model = llamacpp.load(path)
+        model = load_gguf(path)  # llama.cpp's weights, computed in float32 like every cell
         params = parameter_count(model)
         cell.update(file_bytes=info["file_bytes"], checkpoint_bytes=info["file_bytes"],
                     bits_per_weight_total=8 * info["file_bytes"] / params, gguf=str(path),

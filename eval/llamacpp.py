@@ -16,14 +16,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tarfile
 import tempfile
 import time
 from pathlib import Path
 
-from eval.assets import AssetError, _Parser, cache_dir
+from eval.assets import AssetError, _Parser, cache_dir, load_gguf, run_command
 
 SDIST = "llama-cpp-python==0.3.36"  # vendors llama.cpp 0c1e570
 TOOLS = ("llama-quantize", "llama-imatrix", "llama-bench", "llama-perplexity")
@@ -42,18 +41,11 @@ def tool(name: str) -> Path:
     return path
 
 
-def _run(cmd: list, what: str) -> tuple[float, str]:
-    """Run a step; a failure becomes one line (the step's last output line). Returns its wall seconds and its
-    standard output."""
+def _timed(cmd: list, what: str) -> float:
+    """Wall seconds of a step (eval.assets.run_command: a failure is one line)."""
     t0 = time.time()
-    try:
-        done = subprocess.run([str(c) for c in cmd], check=True, capture_output=True, text=True)
-    except FileNotFoundError as err:
-        raise AssetError(f"{what}: {err}") from None
-    except subprocess.CalledProcessError as err:
-        lines = [ln.strip() for ln in ((err.stderr or "") + (err.stdout or "")).splitlines() if ln.strip()]
-        raise AssetError(f"{what} failed: {lines[-1] if lines else f'exit code {err.returncode}'}") from None
-    return time.time() - t0, done.stdout
+    run_command(cmd, what=what)
+    return time.time() - t0
 
 
 def build() -> Path:
@@ -65,8 +57,8 @@ def build() -> Path:
     work = Path(tempfile.mkdtemp(prefix=".tmp-llama.cpp-", dir=final.parent))
     try:
         print(f"[eval.llamacpp] downloading the {SDIST} sdist ...", file=sys.stderr, flush=True)
-        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q", "-d", work, SDIST],
-             "pip download")
+        run_command([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q", "-d", work,
+                     SDIST], what="pip download")
         sdist = next(work.glob("*.tar.gz"))
         with tarfile.open(sdist) as tar:
             members = [m for m in tar.getmembers() if "/vendor/llama.cpp/" in m.name]
@@ -76,10 +68,11 @@ def build() -> Path:
         out.mkdir()
         shutil.move(src, out / "src")
         print("[eval.llamacpp] building (cmake, Release, GGML_NATIVE) ...", file=sys.stderr, flush=True)
-        _run(["cmake", "-S", out / "src", "-B", out / "build", "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
-              "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-              "-DLLAMA_BUILD_SERVER=OFF"], "cmake configure")
-        _run(["cmake", "--build", out / "build", "-j", str(os.cpu_count() or 2), "--target", *TOOLS], "cmake build")
+        run_command(["cmake", "-S", out / "src", "-B", out / "build", "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
+                     "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+                     "-DLLAMA_BUILD_SERVER=OFF"], what="cmake configure")
+        run_command(["cmake", "--build", out / "build", "-j", os.cpu_count() or 2, "--target", *TOOLS],
+                    what="cmake build")
         os.replace(out, final)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -128,8 +121,8 @@ def make(model_dir: Path, qtype: str, work: Path, ids=None, chunks: int = 0,
     f16, imatrix, imatrix_info = work / "model-f16.gguf", work / "imatrix.gguf", work / "imatrix.json"
     if not f16.is_file():
         tmp = work / ".model-f16.gguf"
-        info["convert_seconds"] = _run([sys.executable, convert, model_dir, "--outtype", "f16", "--outfile", tmp],
-                                       "convert_hf_to_gguf.py")[0]
+        info["convert_seconds"] = _timed([sys.executable, convert, model_dir, "--outtype", "f16", "--outfile", tmp],
+                                         "convert_hf_to_gguf.py")
         os.replace(tmp, f16)
     if ids is not None and not imatrix.is_file():
         # xbit's calibration windows as text, one per chunk of the same length
@@ -139,15 +132,15 @@ def make(model_dir: Path, qtype: str, work: Path, ids=None, chunks: int = 0,
         text = work / "calibration.txt"
         text.write_text("".join(tok.decode(row) for row in ids.tolist()))
         tmp = work / ".imatrix.gguf"
-        seconds = _run([imatrix_tool, "-m", f16, "-f", text, "-o", tmp, "-c", ids.shape[1], "--chunks", chunks,
-                        "-t", threads, "--no-ppl"], "llama-imatrix")[0]
+        seconds = _timed([imatrix_tool, "-m", f16, "-f", text, "-o", tmp, "-c", ids.shape[1], "--chunks", chunks,
+                          "-t", threads, "--no-ppl"], "llama-imatrix")
         imatrix_info.write_text(json.dumps({"imatrix_seconds": seconds, "imatrix_chunks": chunk_count(tmp)}))
         os.replace(tmp, imatrix)
     if ids is not None:  # every type's file costs the importance matrix, made once here
         info.update(json.loads(imatrix_info.read_text()))
     tmp = work / f".{qtype}.gguf"
-    info["quantize_seconds"] = _run([quantize_tool, *(["--imatrix", imatrix] if ids is not None else []), f16, tmp,
-                                     qtype, threads], f"llama-quantize {qtype}")[0]
+    info["quantize_seconds"] = _timed([quantize_tool, *(["--imatrix", imatrix] if ids is not None else []), f16, tmp,
+                                       qtype, threads], f"llama-quantize {qtype}")
     os.replace(tmp, out)
     info.update(file_bytes=out.stat().st_size, budget_bytes=budget_bytes(out))
     info_path.write_text(json.dumps(info, indent=1))
@@ -156,19 +149,10 @@ def make(model_dir: Path, qtype: str, work: Path, ids=None, chunks: int = 0,
 
 def speed(path: Path, prompt: int, new: int, threads: int, repeat: int) -> dict:
     """llama-bench on a file: {"pp": prompt tokens/s (pp<prompt>), "tg": generated tokens/s (tg<new>)}."""
-    rows = json.loads(_run([tool("llama-bench"), "-m", path, "-p", prompt, "-n", new, "-t", threads, "-r", repeat,
-                            "-o", "json"], "llama-bench")[1])
+    rows = json.loads(run_command([tool("llama-bench"), "-m", path, "-p", prompt, "-n", new, "-t", threads, "-r",
+                                   repeat, "-o", "json"], what="llama-bench"))
     return {"pp": next(r["avg_ts"] for r in rows if r["n_prompt"] > 0 and r["n_gen"] == 0),
             "tg": next(r["avg_ts"] for r in rows if r["n_gen"] > 0 and r["n_prompt"] == 0)}
-
-
-def load(path: Path):
-    """The file's weights dequantized into a float32 transformers model (what llama.cpp computes with, in float)."""
-    import torch
-    from transformers import AutoModelForCausalLM, GgufConfig
-
-    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
-                                                quantization_config=GgufConfig(dequantize=True)).eval()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -71,7 +71,7 @@ def test_gguf_checksum_mismatch_leaves_nothing(cache, monkeypatch):
 def test_failed_command_is_one_line_asset_error(tmp_path):
     cmd = [sys.executable, "-c", "import sys; sys.stderr.write('noise\\nboom\\n'); sys.exit(3)"]
     with pytest.raises(assets.AssetError, match="boom") as info:
-        assets._run(cmd, tmp_path)
+        assets.run_command(cmd, tmp_path)
     assert "\n" not in str(info.value)
 
 
